@@ -1,0 +1,108 @@
+"""The one dispatch point between the model and its hot-spot ops.
+
+The model calls ``pgolf.kernels.<op>(...)`` and never imports Triton. For each op this module picks an
+implementation per call from the tensors' device and the selected backend:
+
+- ``reference``: the pure-PyTorch code in :mod:`pgolf.kernels.reference` (always available, every device);
+- ``triton``: a fused Triton kernel registered by its op module (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+The backend comes from ``PGOLF_KERNELS`` (``auto`` by default: Triton on CUDA where an op has a Triton
+implementation, otherwise the reference), may be set per op with ``PGOLF_KERNELS_<OP>`` (e.g.
+``PGOLF_KERNELS_MLP=reference``), and can be overridden in code with :func:`use_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+from torch import Tensor
+
+from pgolf.kernels import reference
+
+OPS = ("attention", "mlp", "softcap_ce", "lm_head_loss", "newton_schulz")
+BACKENDS = ("auto", "reference", "triton")
+
+_IMPLS: dict[str, dict[str, Callable]] = {op: {"reference": getattr(reference, op)} for op in OPS}
+_OVERRIDE: dict[str | None, str] = {}
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    """Register ``fn`` as ``backend``'s implementation of ``op`` (called by the Triton op modules)."""
+    if op not in _IMPLS:
+        raise ValueError(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
+    _IMPLS[op][backend] = fn
+
+
+def selected_backend(op: str) -> str:
+    """The backend name configured for ``op`` (before device resolution): override, env per op, env, 'auto'."""
+    name = _OVERRIDE.get(op) or _OVERRIDE.get(None) or os.environ.get(f"PGOLF_KERNELS_{op.upper()}") \
+        or os.environ.get("PGOLF_KERNELS", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"PGOLF_KERNELS{'_' + op.upper() if op else ''}={name!r} is not a backend; "
+                         f"choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def implementation(op: str, device_type: str) -> tuple[str, Callable]:
+    """(backend, function) that runs ``op`` for tensors on ``device_type`` ('cpu', 'cuda', ...)."""
+    name = selected_backend(op)
+    impls = _IMPLS[op]
+    if name == "auto":
+        name = "triton" if device_type == "cuda" and "triton" in impls else "reference"
+    if name not in impls:
+        raise RuntimeError(f"op {op!r} has no {name!r} implementation yet (available: {', '.join(sorted(impls))}); "
+                           f"set PGOLF_KERNELS=reference or PGOLF_KERNELS_{op.upper()}=reference")
+    return name, impls[name]
+
+
+@contextlib.contextmanager
+def use_backend(backend: str, op: str | None = None) -> Iterator[None]:
+    """Force ``backend`` for one op (or all ops when ``op`` is None) inside the ``with`` block."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    prev = _OVERRIDE.get(op)
+    _OVERRIDE[op] = backend
+    try:
+        yield
+    finally:
+        if prev is None:
+            _OVERRIDE.pop(op, None)
+        else:
+            _OVERRIDE[op] = prev
+
+
+# --------------------------------------------------------------------------------------------------------
+# The ops. Signatures and shapes are documented on the reference implementations.
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, xsa: bool = False, cu_seqlens: Tensor | None = None,
+              max_seqlen: int | None = None) -> Tensor:
+    """Causal GQA attention (+XSA). q: (B,T,Hq,D), k/v: (B,T,Hkv,D) → (B,T,Hq,D). See reference.attention."""
+    return implementation("attention", q.device.type)[1](q, k, v, xsa=xsa, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+
+def mlp(x: Tensor, w1: Tensor, w2: Tensor, negative_slope: float = 0.5) -> Tensor:
+    """LeakyReLU_s(x W1ᵀ)² W2ᵀ. x: (..., d), w1: (hidden, d), w2: (d, hidden) → (..., d)."""
+    return implementation("mlp", x.device.type)[1](x, w1, w2, negative_slope)
+
+
+def softcap_ce(z: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """Per-token CE of cap·tanh(z/cap). z: (N, V), targets: (N,) → (N,) fp32."""
+    return implementation("softcap_ce", z.device.type)[1](z, targets, cap)
+
+
+def lm_head_loss(h: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """Tied head + softcapped CE. h: (N, d), weight: (V, d), targets: (N,) → (N,) fp32."""
+    return implementation("lm_head_loss", h.device.type)[1](h, weight, targets, cap)
+
+
+def newton_schulz(G: Tensor, coefficients, steps: int = 5, eps: float = 1e-7, dtype=None) -> Tensor:
+    """Batched Newton-Schulz orthogonalization. G: (m, n) or (B, m, n) → same shape in ``dtype``."""
+    import torch
+
+    dtype = dtype or (torch.bfloat16 if G.device.type == "cuda" else torch.float32)
+    return implementation("newton_schulz", G.device.type)[1](G, coefficients, steps, eps, dtype)
+
+
+softcap = reference.softcap

@@ -1,0 +1,129 @@
+"""Pure-PyTorch references for every op in :mod:`pgolf.kernels`.
+
+These are the ground truth the Triton kernels are tested against and the path used on CPU. Each function
+states its tensor shapes; all are differentiable with plain autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, xsa: bool = False, cu_seqlens: Tensor | None = None,
+              max_seqlen: int | None = None) -> Tensor:
+    """Causal GQA attention with optional exclusive self-attention (XSA) and document isolation.
+
+    q: (B, T, Hq, D); k, v: (B, T, Hkv, D) with Hq % Hkv == 0. Softmax scale is 1/sqrt(D).
+    cu_seqlens: optional int32 (n+1,) cumulative document starts of a packed batch (then B must be 1);
+    trailing repeats of the total length (padding) are allowed. Attention never crosses a document start.
+    Returns y: (B, T, Hq, D); with ``xsa`` the component of y along the token's own normalized value
+    vector (of its KV group) is removed.
+    """
+    B, T, Hq, D = q.shape
+    if cu_seqlens is None:
+        y = _sdpa_causal(q, k, v)
+    else:
+        if B != 1:
+            raise ValueError(f"packed attention (cu_seqlens given) needs batch size 1, got q of shape {tuple(q.shape)}")
+        y = _varlen_attention(q, k, v, cu_seqlens)
+    if xsa:
+        y = xsa_project(y, v)
+    return y
+
+
+def xsa_project(y: Tensor, v: Tensor) -> Tensor:
+    """Exclusive self-attention step: y ← y − ⟨y, v̂⟩ v̂ per query head, v̂ = v/‖v‖ of the head's KV group.
+
+    y: (B, T, Hq, D); v: (B, T, Hkv, D). Returns (B, T, Hq, D). GQA-aware: v is never repeated.
+    """
+    B, T, Hq, D = y.shape
+    Hkv = v.shape[2]
+    yg = y.reshape(B, T, Hkv, Hq // Hkv, D)
+    vn = F.normalize(v, dim=-1).unsqueeze(-2)
+    return (yg - (yg * vn).sum(dim=-1, keepdim=True) * vn).reshape(B, T, Hq, D)
+
+
+def mlp(x: Tensor, w1: Tensor, w2: Tensor, negative_slope: float = 0.5) -> Tensor:
+    """``LeakyReLU_s(x W1ᵀ)² W2ᵀ`` (s = 0 gives ReLU²). x: (..., d); w1: (hidden, d); w2: (d, hidden)."""
+    pre = F.linear(x, w1.to(x.dtype))
+    act = F.leaky_relu(pre, negative_slope) if negative_slope > 0 else F.relu(pre)
+    return F.linear(act.square(), w2.to(x.dtype))
+
+
+def softcap(z: Tensor, cap: float) -> Tensor:
+    """Logit softcap ``cap · tanh(z / cap)``; any shape."""
+    return cap * torch.tanh(z / cap)
+
+
+def softcap_ce(z: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """Per-token cross-entropy of softcapped logits, fp32 math. z: (N, V) pre-softcap; targets: (N,) → (N,) fp32."""
+    return F.cross_entropy(softcap(z.float(), cap), targets, reduction="none")
+
+
+def lm_head_loss(h: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """Tied LM head + softcapped CE. h: (N, d); weight: (V, d); targets: (N,) → per-token loss (N,) fp32."""
+    return softcap_ce(F.linear(h, weight.to(h.dtype)), targets, cap)
+
+
+def newton_schulz(G: Tensor, coefficients: tuple[tuple[float, float, float], ...], steps: int = 5,
+                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Approximate the orthogonal polar factor of each matrix by a quintic Newton-Schulz iteration.
+
+    G: (m, n) or (B, m, n). X = G/(‖G‖_F + eps) per matrix (in ``dtype``); if m > n it works on the transpose
+    so the Gram matrix is the small one. Step k uses coefficients[min(k, len-1)]: A = X Xᵀ,
+    X ← a X + (b A + c A²) X. Returns X in ``dtype`` with G's shape.
+    """
+    X = G.to(dtype)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.mT
+    for i in range(steps):
+        a, b, c = coefficients[min(i, len(coefficients) - 1)]
+        A = X @ X.mT
+        Bm = b * A + c * (A @ A)
+        X = a * X + Bm @ X
+    return X.mT if transposed else X
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=q.shape[2] != k.shape[2])
+    return y.transpose(1, 2)
+
+
+def segment_ids(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]:
+    """From cu_seqlens (padded, int) and the total length: (doc id per token (T,), position in doc (T,), lengths).
+
+    Duplicate (padding) entries are dropped; cu_seqlens must start at 0 and end at ``total``.
+    """
+    cu = torch.unique_consecutive(cu_seqlens.to(torch.long))
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the sequence length {total}; got {cu_seqlens.tolist()}")
+    lengths = cu[1:] - cu[:-1]
+    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+    pos = torch.arange(total, device=cu.device) - cu[:-1][doc]
+    return doc, pos, lengths
+
+
+def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Document-isolated causal attention: scatter documents into a right-padded batch and run causal SDPA.
+
+    Right padding is exact under a causal mask: a valid query never sees the padded keys after it.
+    """
+    T = q.shape[1]
+    doc, pos, lengths = segment_ids(cu_seqlens.to(q.device), T)
+    n, L = lengths.numel(), int(lengths.max())
+
+    def pack(t: Tensor) -> Tensor:
+        out = t.new_zeros((n, L) + tuple(t.shape[2:]))
+        out[doc, pos] = t[0]
+        return out
+
+    y = _sdpa_causal(pack(q), pack(k), pack(v))
+    return y[doc, pos].unsqueeze(0)

@@ -1,0 +1,371 @@
+"""The record-stack GPT (reference-stack section 2) in lean PyTorch.
+
+Token ids (B, T) → tied embedding (+ optional BigramHash, SmearGate) → RMSNorm → a U-Net of blocks over a
+virtual layer sequence (depth recurrence reuses physical layers) → RMSNorm → tied head with logit softcap.
+Each block: residual mix with x0, attention (GQA, q/k RMSNorm, partial RoPE, QK-gain, XSA, head gate) and
+a LeakyReLU(0.5)² MLP, sequential, GPT-J parallel or two-lane parallel. The hot ops (attention, MLP, head +
+loss) go through :mod:`pgolf.kernels`, which picks Triton or the PyTorch reference per device.
+
+Packed batches: with ``cu_seqlens`` (B = 1) attention never crosses a document start, and every
+token-shift (SmearGate, BigramHash) is reset at each segment start, so nothing leaks across documents.
+Parameter names follow the 2026-04-09 record script (``blocks.3.attn.c_q.weight`` ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf import kernels
+from pgolf.model.config import GPTConfig
+
+MUON_SUFFIXES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight",
+                 "mlp.fc.weight", "mlp.proj.weight")
+EMBED_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
+
+
+class GPT(nn.Module):
+    """The language model. Weights are stored fp32; compute follows the input/autocast dtype."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        c = self.config = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.model_dim)
+        self.bigram = BigramHash(c.bigram_buckets, c.bigram_dim, c.model_dim) if c.bigram_buckets else None
+        self.ve = ValueEmbedding(c.vocab_size, c.value_embed_dim, c.kv_dim, len(c.value_embed_layers)) \
+            if c.value_embed_dim else None
+        if c.smear_gate == "bos":
+            self.smear_gate = nn.Parameter(torch.zeros(c.smear_width))
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
+        elif c.smear_gate == "vector":
+            self.smear_gate = nn.Parameter(torch.zeros(c.model_dim))
+        self.blocks = nn.ModuleList([Block(c, i) for i in range(c.num_layers)])
+        self.skip_weights = nn.Parameter(torch.ones(c.num_skips, c.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(c.num_skips, c.model_dim)) if c.skip_gates else None
+        if c.parallel_residual == "two_lane":
+            self.lane_resid = nn.Parameter(torch.full((c.num_layers, 2), c.lane_resid_init))
+            self.lane_mix = nn.Parameter(torch.ones(c.num_layers, 2, 2))
+        self.looping_active = False
+        self._rope_cache: dict = {}
+        self.reset_parameters()
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def loss(self, input_ids: Tensor, target_ids: Tensor, *, cu_seqlens: Tensor | None = None,
+             max_seqlen: int | None = None, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the softcapped logits (fp32). input_ids, target_ids: (B, T) int64.
+
+        reduction 'mean' → scalar; 'sum' → scalar; 'none' → (B, T) per-token NLL in nats.
+        """
+        h = self.hidden(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        per_tok = kernels.lm_head_loss(h.reshape(-1, h.size(-1)), self.tok_emb.weight, target_ids.reshape(-1),
+                                       self.config.logit_softcap)
+        if reduction == "none":
+            return per_tok.view_as(target_ids)
+        if reduction == "sum":
+            return per_tok.sum()
+        if reduction == "mean":
+            return per_tok.mean()
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+    forward = loss
+
+    def forward_logits(self, input_ids: Tensor, *, cu_seqlens: Tensor | None = None,
+                       max_seqlen: int | None = None) -> Tensor:
+        """Softcapped logits (B, T, V) in the compute dtype."""
+        h = self.hidden(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return kernels.softcap(F.linear(h, self.tok_emb.weight.to(h.dtype)), self.config.logit_softcap)
+
+    def hidden(self, input_ids: Tensor, *, cu_seqlens: Tensor | None = None,
+               max_seqlen: int | None = None) -> Tensor:
+        """Final normalized hidden states (B, T, d): everything before the head."""
+        c = self.config
+        B, T = input_ids.shape
+        start = segment_starts(input_ids, cu_seqlens, c.bos_id)  # (B, T) bool: no token-shift into these
+        e = self.tok_emb(input_ids)
+        if torch.is_autocast_enabled(e.device.type):
+            e = e.to(torch.get_autocast_dtype(e.device.type))
+        if self.bigram is not None:
+            e = e + self.bigram(input_ids, start).to(e.dtype)
+        if c.smear_gate == "bos":
+            gate = torch.sigmoid(e[..., : c.smear_width] @ self.smear_gate.to(e.dtype))  # (B, T)
+            e = e + (self.smear_lambda.to(e.dtype) * gate * (~start).to(e.dtype)).unsqueeze(-1) * shift_right(e)
+        x = rms_norm(e)
+        if c.smear_gate == "vector":
+            g = torch.sigmoid(self.smear_gate.to(x.dtype)) * (~start).to(x.dtype).unsqueeze(-1)
+            x = (1 - g) * x + g * shift_right(x)
+        x0 = x
+        rope = self.rotary(T, x.device, x.dtype)
+        ve = self.ve(input_ids).to(x.dtype) if self.ve is not None else None
+        ctx = dict(x0=x0, rope=rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, ve=ve)
+
+        enc, dec = c.layer_plan(self.looping_active)
+        skips = []
+        for i in enc:
+            x = self.blocks[i](x, **ctx)
+            skips.append(x)
+        lanes: tuple[Tensor, Tensor] | None = None
+        for j, i in enumerate(dec):
+            if j < c.num_skips and skips:
+                s = skips.pop()
+                if lanes is None:
+                    x = self._skip(j, x, s)
+                else:
+                    lanes = (self._skip(j, lanes[0], s), lanes[1])
+            if c.parallel_residual == "two_lane" and i >= c.parallel_start:
+                lanes = self._two_lane(i, lanes if lanes is not None else (x, x), **ctx)
+            else:
+                if lanes is not None:  # a sequential layer after two-lane ones: merge the lanes first
+                    x, lanes = 0.5 * (lanes[0] + lanes[1]), None
+                x = self.blocks[i](x, **ctx)
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
+        return rms_norm(x)
+
+    def _skip(self, j: int, x: Tensor, s: Tensor) -> Tensor:
+        scaled = self.skip_weights[j].to(x.dtype) * s
+        if self.skip_gates is None:
+            return x + scaled
+        g = torch.sigmoid(self.skip_gates[j].to(x.dtype))
+        return g * x + (1 - g) * scaled
+
+    def _two_lane(self, i: int, lanes: tuple[Tensor, Tensor], *, x0: Tensor, **ctx) -> tuple[Tensor, Tensor]:
+        blk = self.blocks[i]
+        lane0, lane1 = lanes
+        mix = blk.resid_mix.to(lane0.dtype)
+        a = blk.attn_branch(mix[0] * lane0 + mix[1] * x0, **ctx)
+        m = blk.mlp_branch(lane1)
+        r = self.lane_resid[i].to(lane0.dtype)
+        P = self.lane_mix[i].to(lane0.dtype)
+        return (r[0] * lane0 + P[0, 0] * a + P[1, 0] * m,
+                r[1] * lane1 + P[0, 1] * a + P[1, 1] * m)
+
+    def rotary(self, T: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (1, T, 1, rope_dims/2), for buffer positions 0..T-1 (cached)."""
+        c = self.config
+        rd = c.rope_dims or c.head_dim
+        key = (T, str(device), dtype)
+        if key not in self._rope_cache:
+            base = c.rope_base
+            if c.rope_train_seq_len and T > c.rope_train_seq_len:
+                base = base * (T / c.rope_train_seq_len) ** (rd / (rd - 2))
+            inv_freq = 1.0 / base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd)
+            freqs = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv_freq)
+            self._rope_cache = {key: (freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype))}
+        return self._rope_cache[key]
+
+    # ---- parameters ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialization of reference-stack 2.11 (or PyTorch's Linear default for init='baseline')."""
+        c = self.config
+        nn.init.normal_(self.tok_emb.weight, std=c.tied_embed_init_std)
+        for blk in self.blocks:
+            for lin in (blk.attn.c_q, blk.attn.c_k, blk.attn.c_v, blk.mlp.fc):
+                if c.init == "record":
+                    nn.init.orthogonal_(lin.weight, gain=1.0)
+                else:
+                    lin.reset_parameters()
+            nn.init.zeros_(blk.attn.proj.weight)
+            nn.init.zeros_(blk.mlp.proj.weight)
+            if blk.attn.gate_w is not None:
+                if c.attn_gate == "gated":
+                    nn.init.normal_(blk.attn.gate_w, std=0.01)
+                else:
+                    nn.init.zeros_(blk.attn.gate_w)
+
+    def optimizer_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Named parameters split into 'muon' (block matrices), 'tok' (embedding tables) and 'scalar'."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "tok": [], "scalar": []}
+        for name, p in self.named_parameters():
+            if name.startswith("blocks.") and name.endswith(MUON_SUFFIXES):
+                groups["muon"].append((name, p))
+            elif name in EMBED_NAMES:
+                groups["tok"].append((name, p))
+            else:
+                groups["scalar"].append((name, p))
+        return groups
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class Block(nn.Module):
+    """One physical layer: resid_mix, attention and MLP with per-channel output scales."""
+
+    def __init__(self, c: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn = Attention(c, layer)
+        self.mlp = MLP(c)
+        self.attn_scale = nn.Parameter(torch.ones(c.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(c.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(c.model_dim), torch.zeros(c.model_dim))))
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if c.ln_scale else 1.0
+        self.gptj = c.parallel_residual == "gptj" and layer >= c.parallel_start
+
+    def attn_branch(self, x_in: Tensor, **ctx) -> Tensor:
+        """α ⊙ Attn(RMSNorm(x_in)·s_l). x_in: (B, T, d)."""
+        return self.attn_scale.to(x_in.dtype) * self.attn(rms_norm(x_in) * self.ln_scale, **ctx)
+
+    def mlp_branch(self, h: Tensor) -> Tensor:
+        """β ⊙ MLP(RMSNorm(h)·s_l). h: (B, T, d)."""
+        return self.mlp_scale.to(h.dtype) * self.mlp(rms_norm(h) * self.ln_scale)
+
+    def forward(self, x: Tensor, *, x0: Tensor, **ctx) -> Tensor:
+        """Sequential or GPT-J parallel block. x, x0: (B, T, d) → (B, T, d)."""
+        mix = self.resid_mix.to(x.dtype)
+        x_in = mix[0] * x + mix[1] * x0
+        if self.gptj:
+            return x_in + self.attn_branch(x_in, **ctx) + self.mlp_branch(x_in)
+        h = x_in + self.attn_branch(x_in, **ctx)
+        return h + self.mlp_branch(h)
+
+
+class Attention(nn.Module):
+    """GQA attention with q/k RMSNorm, partial RoPE, per-head QK-gain, XSA and an optional head gate."""
+
+    def __init__(self, c: GPTConfig, layer: int):
+        super().__init__()
+        self.c = c
+        self.c_q = Linear(c.model_dim, c.model_dim)
+        self.c_k = Linear(c.model_dim, c.kv_dim)
+        self.c_v = Linear(c.model_dim, c.kv_dim)
+        self.proj = Linear(c.model_dim, c.model_dim)
+        self.q_gain = nn.Parameter(torch.full((c.num_heads,), float(c.qk_gain_init)))
+        self.use_xsa = layer >= c.num_layers - c.xsa_last_n
+        width = c.model_dim if c.attn_gate == "gated" else c.attn_gate_width
+        self.gate_w = nn.Parameter(torch.zeros(c.num_heads, width)) if c.attn_gate != "none" else None
+        self.ve_slot = c.value_embed_layers.index(layer) if layer in c.value_embed_layers else None
+
+    def forward(self, u: Tensor, *, rope: tuple[Tensor, Tensor], cu_seqlens: Tensor | None = None,
+                max_seqlen: int | None = None, ve=None) -> Tensor:
+        """u: (B, T, d) normalized input → (B, T, d) attention output after the out-projection."""
+        c = self.c
+        B, T, _ = u.shape
+        q = self.c_q(u).view(B, T, c.num_heads, c.head_dim)
+        k = self.c_k(u).view(B, T, c.num_kv_heads, c.head_dim)
+        v = self.c_v(u)
+        if ve is not None and self.ve_slot is not None:
+            v = v + ve[self.ve_slot]
+        v = v.view(B, T, c.num_kv_heads, c.head_dim)
+        q = apply_rope(rms_norm(q), *rope)
+        k = apply_rope(rms_norm(k), *rope)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = kernels.attention(q, k, v, xsa=self.use_xsa, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        if self.gate_w is not None:
+            y = y * self.head_gate(u).unsqueeze(-1)
+        return self.proj(y.reshape(B, T, c.model_dim))
+
+    def head_gate(self, u: Tensor) -> Tensor:
+        """Per-head output gate (B, T, H) from the normalized input u (B, T, d)."""
+        c = self.c
+        w = self.gate_w.to(u.dtype)
+        if c.attn_gate == "gated":
+            return torch.sigmoid(u @ w.t())
+        z = u[..., : c.attn_gate_width] @ w.t()
+        if c.attn_gate == "sparse":
+            return torch.sigmoid(c.attn_gate_kappa * z)
+        return 2 * torch.sigmoid(z)  # attn_out
+
+
+class MLP(nn.Module):
+    """LeakyReLU_s(u W1ᵀ)² W2ᵀ through the kernel dispatch (``fused=False`` runs the modules one by one)."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.fc = Linear(c.model_dim, c.mlp_hidden)
+        self.proj = Linear(c.mlp_hidden, c.model_dim)
+        self.negative_slope = c.mlp_negative_slope
+        self.fused = True
+
+    def forward(self, u: Tensor) -> Tensor:
+        """u: (..., d) → (..., d)."""
+        if self.fused:
+            return kernels.mlp(u, self.fc.weight, self.proj.weight, self.negative_slope)
+        pre = self.fc(u)
+        act = F.leaky_relu(pre, self.negative_slope) if self.negative_slope > 0 else F.relu(pre)
+        return self.proj(act.square())
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer whose fp32 weight is cast to the input's dtype."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class BigramHash(nn.Module):
+    """R1's hashed bigram embedding: scale · P · T[h(x_{t-1}, x_t)], zero at init; segment starts use the last bucket."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = Linear(dim, model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+        nn.init.zeros_(self.embed.weight)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, ids: Tensor, start: Tensor) -> Tensor:
+        """ids, start: (B, T) → (B, T, model_dim)."""
+        h = torch.bitwise_xor(36313 * ids, 27191 * shift_right(ids)) % (self.buckets - 1)
+        h = torch.where(start, torch.full_like(h, self.buckets - 1), h)
+        return self.scale * self.proj(self.embed(h))
+
+
+class ValueEmbedding(nn.Module):
+    """R1's value embeddings: a shared table VE[x] → zero-init projection to kv_dim, × 0.1 × a per-layer scale."""
+
+    def __init__(self, vocab: int, dim: int, kv_dim: int, n_layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = Linear(dim, kv_dim)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.layer_scales = nn.Parameter(torch.ones(n_layers))
+        nn.init.normal_(self.embed.weight, std=0.01)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids (B, T) → (n_layers, B, T, kv_dim)."""
+        v = self.scale * self.proj(self.embed(ids))
+        return self.layer_scales.to(v.dtype)[:, None, None, None] * v
+
+
+# ---- functional helpers -----------------------------------------------------------------------------------
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Weightless RMSNorm over the last dim (eps = torch's default for the dtype)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first 2·cos.size(-1) dims of each head, NeoX halves: (a, b) → (a cos + b sin, −a sin + b cos).
+
+    x: (B, T, H, D); cos, sin: (1, T, 1, r/2). Dims r..D pass through.
+    """
+    half = cos.size(-1)
+    a, b, rest = x[..., :half], x[..., half: 2 * half], x[..., 2 * half:]
+    return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
+
+
+def shift_right(x: Tensor) -> Tensor:
+    """x[:, t-1] at position t (zeros at t = 0). x: (B, T, ...)."""
+    return torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+
+
+def segment_starts(ids: Tensor, cu_seqlens: Tensor | None, bos_id: int) -> Tensor:
+    """(B, T) bool: position 0, every BOS token and every cu_seqlens boundary (packed segments)."""
+    start = ids == bos_id
+    start[:, 0] = True
+    if cu_seqlens is not None:
+        T = ids.shape[1]
+        marks = torch.zeros(T + 1, dtype=torch.bool, device=ids.device)
+        marks[cu_seqlens.to(device=ids.device, dtype=torch.long)] = True
+        start = start | marks[:T].unsqueeze(0)
+    return start
