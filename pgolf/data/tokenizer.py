@@ -1,0 +1,168 @@
+"""Tokenizer byte accounting and the exact bits-per-byte formula of the challenge.
+
+For a scored pair (previous token p, target y) the counted bytes are
+``base_bytes[y] + (has_space[y] and not is_boundary[p])``, and
+``val_bpb = Σ nll / (ln 2 · Σ bytes)`` with both sums in float64.
+
+Also: :class:`Tokenizer`, a thin SentencePiece wrapper with clear errors, :func:`build_byte_tables` (the
+per-token tables above from a SentencePiece model) and :func:`normalize_text` (text after the tokenizer's
+normalizer, i.e. what the byte counts measure).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ByteTables:
+    """Per-token lookup tables over the vocab (all shape (V,)).
+
+    base_bytes: int16 UTF-8 bytes of the piece without its leading '▁' (1 for byte pieces, 0 for control/unk/unused).
+    has_space: bool, the piece starts with '▁'. is_boundary: bool, control/unknown/unused (BOS is a boundary).
+    """
+
+    base_bytes: Tensor
+    has_space: Tensor
+    is_boundary: Tensor
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(self.base_bytes.to(device), self.has_space.to(device), self.is_boundary.to(device))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.base_bytes.numel())
+
+
+def count_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
+    """Counted bytes of each (prev, target) pair. prev, target: int tensors of one shape → int64 of that shape."""
+    t = tables.to(target.device)
+    extra = t.has_space[target] & ~t.is_boundary[prev]
+    return t.base_bytes[target].to(torch.int64) + extra.to(torch.int64)
+
+
+def bits_per_byte(nll_sum: float, byte_count: float) -> float:
+    """val_bpb = Σ nll (nats) / (ln 2 · Σ bytes)."""
+    if byte_count <= 0:
+        raise ValueError("no bytes were scored; the evaluation set is empty or all targets are control tokens")
+    return float(nll_sum) / (math.log(2.0) * float(byte_count))
+
+
+SPACE_PIECE = "\u2581"  # '▁', SentencePiece's whitespace marker
+
+
+def _processor(sp_or_tokenizer):
+    return sp_or_tokenizer.sp if isinstance(sp_or_tokenizer, Tokenizer) else sp_or_tokenizer
+
+
+def build_byte_tables(sp, vocab_size: int | None = None) -> ByteTables:
+    """ByteTables of a ``sentencepiece.SentencePieceProcessor``; size max(sp vocab, vocab_size).
+
+    Every id starts as a boundary with 0 bytes (so ids beyond the tokenizer's vocab are inert). Ids that are
+    not control/unknown/unused are not boundaries; byte pieces count 1 byte; other pieces lose one leading
+    '▁' (setting has_space) and count the UTF-8 bytes of the rest. Raises ValueError when '▁' is not a piece.
+    """
+    n_sp = int(sp.get_piece_size())
+    size = max(n_sp, int(vocab_size or 0))
+    space_id = sp.piece_to_id(SPACE_PIECE)
+    if not (0 <= space_id < n_sp) or sp.id_to_piece(space_id) != SPACE_PIECE:
+        raise ValueError(f"tokenizer has no '{SPACE_PIECE}' (U+2581) piece of its own, so spaces cannot be "
+                         f"counted the way the challenge counts them; train it with the challenge settings "
+                         f"(pgolf.data.prepare.train_tokenizer)")
+    base = torch.zeros(size, dtype=torch.int16)
+    has_space = torch.zeros(size, dtype=torch.bool)
+    boundary = torch.ones(size, dtype=torch.bool)
+    for i in range(n_sp):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith(SPACE_PIECE):
+            has_space[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteTables(base, has_space, boundary)
+
+
+def normalize_text(sp_or_tokenizer, text: str) -> str:
+    """``text`` after the tokenizer's normalizer (NFKC, whitespace collapsing), with '▁' shown as ' '.
+
+    Uses ``sp.normalize`` when the installed sentencepiece has it, else decode(encode(text)) (exact for
+    byte-fallback models). Its UTF-8 length is what the byte tables count for the document.
+    """
+    sp = _processor(sp_or_tokenizer)
+    if hasattr(sp, "normalize"):
+        return sp.normalize(text).replace(SPACE_PIECE, " ")
+    return sp.decode(sp.encode(text))
+
+
+class Tokenizer:
+    """A SentencePiece model loaded from ``model_path``: encode/decode, vocab checks and byte tables.
+
+    Raises FileNotFoundError when the file is missing and ValueError when it is not a SentencePiece model.
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer model {self.path} does not exist; pass the .model file of a "
+                                    f"SentencePiece tokenizer (e.g. data/tokenizers/fineweb_1024_bpe.model)")
+        sp = spm.SentencePieceProcessor()
+        try:
+            ok = sp.Load(str(self.path))
+        except (RuntimeError, OSError, UnicodeError) as e:
+            raise ValueError(f"{self.path} is not a SentencePiece model ({e}); pass a .model file, not the "
+                             f".vocab listing or another file") from None
+        if ok is False or sp.get_piece_size() <= 0:
+            raise ValueError(f"{self.path} could not be loaded as a SentencePiece model; pass a .model file")
+        self.sp = sp
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids of the model."""
+        return int(self.sp.get_piece_size())
+
+    @property
+    def bos_id(self) -> int:
+        """Id of the BOS control token (1 for the challenge tokenizers; -1 when the model has none)."""
+        return int(self.sp.bos_id())
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS added)."""
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text of ``texts``."""
+        return self.sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids: Iterable[int] | Tensor) -> str:
+        """Text of the ids (a list, numpy array or 1-D tensor); control ids decode to nothing."""
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        return self.sp.decode([int(i) for i in ids])
+
+    def byte_tables(self, vocab_size: int | None = None) -> ByteTables:
+        """:func:`build_byte_tables` of this model, sized max(vocab_size, model vocab)."""
+        return build_byte_tables(self.sp, vocab_size)
+
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Raise ValueError unless the model's vocab equals this tokenizer's vocab."""
+        if int(model_vocab_size) != self.vocab_size:
+            raise ValueError(f"tokenizer {self.path} has vocab {self.vocab_size} but the model expects "
+                             f"{model_vocab_size}; use the tokenizer the data and model were made with "
+                             f"(or set the model's vocab_size to {self.vocab_size})")
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
