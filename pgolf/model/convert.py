@@ -108,7 +108,11 @@ def check_state_dict(config: GPTConfig, sd: Mapping[str, Tensor]) -> None:
 
 
 def _strip(key: str) -> str:
-    for prefix in ("_orig_mod.", "module."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key.replace("._orig_mod.", ".")
+    """Drop every torch.compile (``_orig_mod.``) and DDP (``module.``) wrapper prefix, in any nesting order."""
+    while True:
+        for prefix in ("_orig_mod.", "module."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        else:
+            return key

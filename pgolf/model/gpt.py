@@ -108,14 +108,17 @@ class GPT(nn.Module):
             skips.append(x)
         lanes: tuple[Tensor, Tensor] | None = None
         for j, i in enumerate(dec):
+            two_lane = c.parallel_residual == "two_lane" and i >= c.parallel_start
+            if two_lane and lanes is None:
+                lanes = (x, x)  # the first two-lane layer splits the stream before its skip arrives
             if j < c.num_skips and skips:
                 s = skips.pop()
                 if lanes is None:
                     x = self._skip(j, x, s)
-                else:
+                else:  # the U-Net skip blends into lane0 only
                     lanes = (self._skip(j, lanes[0], s), lanes[1])
-            if c.parallel_residual == "two_lane" and i >= c.parallel_start:
-                lanes = self._two_lane(i, lanes if lanes is not None else (x, x), **ctx)
+            if two_lane:
+                lanes = self._two_lane(i, lanes, **ctx)
             else:
                 if lanes is not None:  # a sequential layer after two-lane ones: merge the lanes first
                     x, lanes = 0.5 * (lanes[0] + lanes[1]), None

@@ -1,0 +1,5 @@
+import sys
+
+from pgolf.train.cli import main
+
+sys.exit(main())

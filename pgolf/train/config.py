@@ -1,0 +1,155 @@
+"""Training configuration: a dataclass, the record scripts' environment variable names, and CLI flags.
+
+Precedence: dataclass defaults < preset < environment variables (the record scripts' names, e.g.
+``TRAIN_BATCH_TOKENS``, ``QK_GAIN_INIT``) < command-line flags (``--train-batch-tokens``, ``--qk-gain-init``).
+Model fields (:class:`pgolf.model.GPTConfig`) and training fields share one flat namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from pgolf.model.config import GPTConfig
+from pgolf.model.presets import get_preset
+
+
+@dataclass
+class TrainConfig:
+    """Everything the trainer needs besides the model architecture."""
+
+    preset: str = "sota"
+    data_path: str = ""             # folder with fineweb_train_*.bin and fineweb_val_*.bin
+    tokenizer_path: str = ""        # SentencePiece model (byte tables for val_bpb)
+    run_dir: str = ""               # default runs/<run_id>
+    run_id: str = ""
+    seed: int = 1337
+    iterations: int = 20000
+    train_seq_len: int = 2048
+    train_batch_tokens: int = 786_432   # global tokens per optimizer step
+    grad_accum_base: int = 8            # grad_accum = max(1, grad_accum_base // world_size), as the records
+    max_wallclock_seconds: float = 600.0  # 0 = no cap (then schedules follow iterations)
+    gptq_reserve_seconds: float = 0.0   # kept free at the end of the cap for GPTQ calibration
+    loader: str = "packed"              # sequential | shuffled | packed
+    warmdown_frac: float = 0.72
+    warmdown_iters: int = 0             # R0/R1 iteration warmdown (used when warmdown_frac is 0)
+    min_lr: float = 0.0
+    matrix_lr: float = 0.022
+    muon_momentum: float = 0.97
+    muon_momentum_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_wd: float = 0.095
+    muon_row_normalize: bool = True
+    ns_steps: int = 5
+    ns_coefficients: str = "polar_express"
+    tok_lr: float = 0.03
+    tok_wd: float = 0.085
+    scalar_lr: float = 0.02
+    scalar_wd: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3         # 0 = off
+    ema_decay: float = 0.9965           # 0 = off
+    warmup_steps: int = 20              # compile warm-up steps on synthetic tokens (state restored after)
+    compile: str = "auto"               # auto (CUDA only) | on | off
+    device: str = "auto"                # auto | cpu | cuda
+    eval_seq_len: int = 2048
+    eval_stride: int = 64               # sliding-window stride at the end (0 = no sliding eval)
+    eval_batch_seqs: int = 32
+    val_loss_every: int = 0             # periodic validation (0 = only at the end)
+    val_max_tokens: int = 0             # cap the validation tokens (0 = the whole split)
+    train_log_every: int = 100
+    save_checkpoint: bool = True
+
+    def grad_accum(self, world_size: int) -> int:
+        return max(1, self.grad_accum_base // world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+# Record-script environment variable → field name (train or model).
+ENV_NAMES = {
+    "DATA_PATH": "data_path", "TOKENIZER_PATH": "tokenizer_path", "RUN_ID": "run_id", "SEED": "seed",
+    "ITERATIONS": "iterations", "TRAIN_SEQ_LEN": "train_seq_len", "TRAIN_BATCH_TOKENS": "train_batch_tokens",
+    "MAX_WALLCLOCK_SECONDS": "max_wallclock_seconds", "GPTQ_RESERVE_SECONDS": "gptq_reserve_seconds",
+    "WARMDOWN_FRAC": "warmdown_frac", "WARMDOWN_ITERS": "warmdown_iters", "MIN_LR": "min_lr",
+    "MATRIX_LR": "matrix_lr", "MUON_MOMENTUM": "muon_momentum", "MUON_MOMENTUM_WARMUP_START": "muon_momentum_start",
+    "MUON_MOMENTUM_WARMUP_STEPS": "muon_momentum_warmup_steps", "MUON_WD": "muon_wd",
+    "MUON_ROW_NORMALIZE": "muon_row_normalize", "MUON_BACKEND_STEPS": "ns_steps", "TIED_EMBED_LR": "tok_lr",
+    "EMBED_WD": "tok_wd", "SCALAR_LR": "scalar_lr", "ADAM_WD": "scalar_wd", "ADAM_EPS": "adam_eps",
+    "GRAD_CLIP_NORM": "grad_clip_norm", "EMA_DECAY": "ema_decay", "WARMUP_STEPS": "warmup_steps",
+    "EVAL_SEQ_LEN": "eval_seq_len", "EVAL_STRIDE": "eval_stride", "VAL_LOSS_EVERY": "val_loss_every",
+    "TRAIN_LOG_EVERY": "train_log_every",
+    # model
+    "VOCAB_SIZE": "vocab_size", "NUM_LAYERS": "num_layers", "MODEL_DIM": "model_dim", "NUM_HEADS": "num_heads",
+    "NUM_KV_HEADS": "num_kv_heads", "LOGIT_SOFTCAP": "logit_softcap", "ROPE_BASE": "rope_base",
+    "ROPE_DIMS": "rope_dims", "ROPE_TRAIN_SEQ_LEN": "rope_train_seq_len", "LN_SCALE": "ln_scale",
+    "QK_GAIN_INIT": "qk_gain_init", "XSA_LAST_N": "xsa_last_n", "SKIP_GATES_ENABLED": "skip_gates",
+    "NUM_LOOPS": "num_loops", "LOOP_START": "loop_start", "LOOP_END": "loop_end",
+    "ENABLE_LOOPING_AT": "loop_activate_frac", "PARALLEL_RESIDUAL_START": "parallel_start",
+    "TIED_EMBED_INIT_STD": "tied_embed_init_std", "LEAKY_RELU_SLOPE": "mlp_negative_slope",
+}
+DERIVED_ENV = {"MLP_MULT"}  # hidden = MLP_MULT * MODEL_DIM, resolved after the dims are known
+
+_MODEL_FIELDS = {f.name: f for f in fields(GPTConfig)}
+_TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+assert not set(_MODEL_FIELDS) & set(_TRAIN_FIELDS), "model and train field names must not collide"
+
+
+def resolve(preset: str, env: Mapping[str, str] | None = None,
+            flags: Mapping[str, Any] | None = None) -> tuple[TrainConfig, GPTConfig]:
+    """(TrainConfig, GPTConfig) from a preset name, environment variables and parsed flag values."""
+    env = os.environ if env is None else env
+    flags = dict(flags or {})
+    p = get_preset(flags.pop("preset", None) or env.get("PRESET") or preset)
+    values: dict[str, Any] = {**p.train, "preset": p.name}
+    model_values: dict[str, Any] = {}
+    for var, name in ENV_NAMES.items():
+        if var in env and env[var] != "":
+            (model_values if name in _MODEL_FIELDS else values)[name] = _parse(name, env[var])
+    mlp_mult = float(env["MLP_MULT"]) if env.get("MLP_MULT") else None
+    for name, v in flags.items():
+        if v is None:
+            continue
+        if name not in _MODEL_FIELDS and name not in _TRAIN_FIELDS:
+            raise ValueError(f"unknown setting {name!r}")
+        (model_values if name in _MODEL_FIELDS else values)[name] = v
+    if mlp_mult is not None and "mlp_hidden" not in model_values:
+        model_values["mlp_hidden"] = int(mlp_mult * model_values.get("model_dim", p.model.model_dim))
+    return TrainConfig(**values), p.model.replace(**model_values)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per TrainConfig and GPTConfig field (default None = not given)."""
+    for f in list(fields(TrainConfig)) + list(fields(GPTConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, default=None, type=lambda s, n=f.name: _parse(n, s),
+                            help=f"({'model' if f.name in _MODEL_FIELDS else 'train'}) default from the preset")
+
+
+def _parse(name: str, text: str) -> Any:
+    f = _MODEL_FIELDS.get(name) or _TRAIN_FIELDS[name]
+    t = str(f.type)
+    try:
+        if "bool" in t:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if "tuple" in t:
+            parts = [p for p in text.replace(",", " ").split() if p]
+            return tuple(int(p) if "int" in t else float(p) for p in parts)
+        if t.startswith("int") or t == "<class 'int'>":
+            return int(float(text)) if float(text).is_integer() else int(text)
+        if t.startswith("float") or t == "<class 'float'>":
+            return float(text)
+        return text
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as the value of {name} ({t})") from None
