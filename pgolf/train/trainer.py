@@ -83,9 +83,12 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
 
     grad_accum = cfg.grad_accum(ctx.world_size)
     local_tokens = cfg.train_batch_tokens // (ctx.world_size * grad_accum)
-    if local_tokens < cfg.train_seq_len or cfg.train_batch_tokens % (ctx.world_size * grad_accum):
+    uneven = cfg.train_batch_tokens % (ctx.world_size * grad_accum) or (
+        cfg.loader != "packed" and local_tokens % cfg.train_seq_len)  # only packed batches may hold a partial row
+    if local_tokens < cfg.train_seq_len or uneven:
         raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} must split evenly into {ctx.world_size} ranks x "
-                         f"{grad_accum} micro-batches of at least train_seq_len={cfg.train_seq_len} tokens")
+                         f"{grad_accum} micro-batches of at least train_seq_len={cfg.train_seq_len} tokens"
+                         + ("" if cfg.loader == "packed" else " (whole sequences for this loader)"))
     loader = make_loader(cfg, train_files, ctx, model_cfg.bos_id)
 
     model = GPT(model_cfg).to(ctx.device)
@@ -100,7 +103,7 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
 
     log(f"run_id:{run_id} preset:{cfg.preset} params:{n_params} world_size:{ctx.world_size} grad_accum:{grad_accum} "
         f"device:{ctx.device} compile:{use_compile} train_files:{len(train_files)} val_tokens:{val_tokens.numel() - 1}")
-    log("config: " + json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, sort_keys=True))
+    log("config: " + json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, sort_keys=True), console=False)
 
     def micro_step(x, y, cu, max_seqlen):
         with amp:
@@ -174,6 +177,10 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
         loss_val = float(train_loss)
         last_good = dict(step=step, train_loss=round(loss_val, 6), train_time_ms=round(clock.elapsed_ms, 1))
         if step <= 10 or step % max(1, cfg.train_log_every) == 0 or flags[1] > 0 or step == cfg.iterations:
+            if ctx.world_size > 1:  # log the global mean loss, not rank 0's share
+                dist.all_reduce(train_loss)
+                loss_val = float(train_loss) / ctx.world_size
+                last_good["train_loss"] = round(loss_val, 6)
             ms = clock.elapsed_ms
             log(f"step:{step}/{cfg.iterations} train_loss:{loss_val:.4f} train_time:{ms:.0f}ms "
                 f"step_avg:{ms / step:.2f}ms tok/s:{tokens_seen / max(ms, 1e-9) * 1000:.0f}")
@@ -320,10 +327,11 @@ class Logger:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", encoding="utf-8")
 
-    def __call__(self, msg: str) -> None:
+    def __call__(self, msg: str, console: bool = True) -> None:
         if not self.main:
             return
-        self.sink(msg)
+        if console:
+            self.sink(msg)
         if self.file:
             self.file.write(msg + "\n")
             self.file.flush()
