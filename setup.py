@@ -8,5 +8,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "triton", "sentencepiece", "numpy", "brotli"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
-    entry_points={"console_scripts": ["pgolf-train=pgolf.train.cli:main"]},
+    entry_points={"console_scripts": ["pgolf-train=pgolf.train.cli:main", "pgolf-bench=pgolf.bench.cli:main",
+                                      "pgolf-pack=pgolf.quant.pack:main"]},
 )

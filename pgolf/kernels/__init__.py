@@ -21,11 +21,22 @@ from torch import Tensor
 
 from pgolf.kernels import reference
 
-OPS = ("attention", "mlp", "softcap_ce", "lm_head_loss", "newton_schulz")
+OPS = ("attention", "mlp", "softcap_ce", "lm_head_loss", "newton_schulz", "int6_matmul")
 BACKENDS = ("auto", "reference", "triton")
 
 _IMPLS: dict[str, dict[str, Callable]] = {op: {"reference": getattr(reference, op)} for op in OPS}
 _OVERRIDE: dict[str | None, str] = {}
+# Modules holding each op's Triton kernels; imported only when the Triton backend is wanted, and they call
+# register(op, "triton", fn) at import. Importing Triton kernels on CPU needs TRITON_INTERPRET=1 set first.
+TRITON_MODULES = {
+    "attention": "pgolf.kernels.xsa_attention",
+    "mlp": "pgolf.kernels.mlp",
+    "softcap_ce": "pgolf.kernels.softcap_ce",
+    "lm_head_loss": "pgolf.kernels.softcap_ce",
+    "newton_schulz": "pgolf.kernels.newton_schulz",
+    "int6_matmul": "pgolf.kernels.int6_matmul",
+}
+_IMPORT_ERRORS: dict[str, str] = {}
 
 
 def register(op: str, backend: str, fn: Callable) -> None:
@@ -49,12 +60,29 @@ def implementation(op: str, device_type: str) -> tuple[str, Callable]:
     """(backend, function) that runs ``op`` for tensors on ``device_type`` ('cpu', 'cuda', ...)."""
     name = selected_backend(op)
     impls = _IMPLS[op]
+    if name == "triton" or (name == "auto" and device_type == "cuda"):
+        _load_triton(op)
     if name == "auto":
         name = "triton" if device_type == "cuda" and "triton" in impls else "reference"
     if name not in impls:
-        raise RuntimeError(f"op {op!r} has no {name!r} implementation yet (available: {', '.join(sorted(impls))}); "
+        why = f" ({_IMPORT_ERRORS[op]})" if op in _IMPORT_ERRORS else ""
+        raise RuntimeError(f"op {op!r} has no {name!r} implementation{why} (available: {', '.join(sorted(impls))}); "
                            f"set PGOLF_KERNELS=reference or PGOLF_KERNELS_{op.upper()}=reference")
     return name, impls[name]
+
+
+def _load_triton(op: str) -> None:
+    """Import the op's Triton module once (it registers itself); remember why if that fails."""
+    if "triton" in _IMPLS[op] or op in _IMPORT_ERRORS:
+        return
+    import importlib
+
+    try:
+        importlib.import_module(TRITON_MODULES[op])
+    except ModuleNotFoundError as e:
+        if e.name not in (TRITON_MODULES[op], "triton"):
+            raise
+        _IMPORT_ERRORS[op] = f"{e.name} is not available"
 
 
 @contextlib.contextmanager
@@ -103,6 +131,12 @@ def newton_schulz(G: Tensor, coefficients, steps: int = 5, eps: float = 1e-7, dt
 
     dtype = dtype or (torch.bfloat16 if G.device.type == "cuda" else torch.float32)
     return implementation("newton_schulz", G.device.type)[1](G, coefficients, steps, eps, dtype)
+
+
+def int6_matmul(x: Tensor, q: Tensor, scale: Tensor, *, in_features: int, packed: bool) -> Tensor:
+    """y = x · (q ⊙ s)ᵀ from int6 weights. x: (..., K); q: (N, K) int8 or (N, 3·ceil(K/4)) uint8 packed;
+    scale: (N,) fp16 → (..., N) in x's dtype. See :mod:`pgolf.kernels.int6_pack` for the layouts."""
+    return implementation("int6_matmul", x.device.type)[1](x, q, scale, in_features=in_features, packed=packed)
 
 
 softcap = reference.softcap

@@ -88,6 +88,14 @@ def newton_schulz(G: Tensor, coefficients: tuple[tuple[float, float, float], ...
     return X.mT if transposed else X
 
 
+def int6_matmul(x: Tensor, q: Tensor, scale: Tensor, *, in_features: int, packed: bool) -> Tensor:
+    """Dequantize-then-matmul: y = x · (q ⊙ s)ᵀ. x: (..., K); q: (N, K) int8 or packed (N, 3·ceil(K/4)) uint8;
+    scale: (N,) fp16. Dequantization is the artifact's: fp32 multiply, then cast to x's dtype."""
+    from pgolf.kernels.int6_pack import dequantize
+
+    return F.linear(x, dequantize(q, scale, in_features=in_features, packed=packed, dtype=x.dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # helpers
 

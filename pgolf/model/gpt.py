@@ -286,7 +286,7 @@ class MLP(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         """u: (..., d) → (..., d)."""
-        if self.fused:
+        if self.fused and type(self.fc) is Linear and type(self.proj) is Linear:  # not swapped for int6 layers
             return kernels.mlp(u, self.fc.weight, self.proj.weight, self.negative_slope)
         pre = self.fc(u)
         act = F.leaky_relu(pre, self.negative_slope) if self.negative_slope > 0 else F.relu(pre)
