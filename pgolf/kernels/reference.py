@@ -27,7 +27,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, xsa: bool = False, cu_seqlens:
     else:
         if B != 1:
             raise ValueError(f"packed attention (cu_seqlens given) needs batch size 1, got q of shape {tuple(q.shape)}")
-        y = _varlen_attention(q, k, v, cu_seqlens)
+        y = _varlen_attention(q, k, v, cu_seqlens, max_seqlen)
     if xsa:
         y = xsa_project(y, v)
     return y
@@ -119,19 +119,39 @@ def segment_ids(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]
     return doc, pos, lengths
 
 
-def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """Document-isolated causal attention: scatter documents into a right-padded batch and run causal SDPA.
+def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int | None) -> Tensor:
+    """Document-isolated causal attention with static shapes (so ``torch.compile(fullgraph=True)`` traces it).
 
-    Right padding is exact under a causal mask: a valid query never sees the padded keys after it.
+    The packed row is cut into blocks of S = max_seqlen tokens. A document of at most S tokens spans at most
+    two consecutive blocks, so each query block attends to keys of its own and the previous block under the
+    mask "same document and not in the future". Cost: 2× dense attention over the row; no host sync when
+    ``max_seqlen`` is given. Every document must be at most ``max_seqlen`` long (the loaders split longer ones).
     """
-    T = q.shape[1]
-    doc, pos, lengths = segment_ids(cu_seqlens.to(q.device), T)
-    n, L = lengths.numel(), int(lengths.max())
+    B, T, Hq, D = q.shape
+    cu = cu_seqlens.to(device=q.device, dtype=torch.long)
+    if max_seqlen is None or not torch.compiler.is_compiling():
+        _, _, lengths = segment_ids(cu, T)  # validates cu_seqlens (eager only: it syncs with the host)
+        longest = int(lengths.max())
+        if max_seqlen is not None and longest > max_seqlen:
+            raise ValueError(f"a document of {longest} tokens exceeds max_seqlen={max_seqlen}")
+        max_seqlen = max_seqlen or longest
+    S = min(int(max_seqlen), T)
+    nb = -(-T // S)
+    pad = nb * S - T
+    pos = torch.arange(nb * S, device=q.device)
+    doc = torch.searchsorted(cu, pos, right=True) - 1  # padded tail: its own id, isolated from real tokens
+    doc = torch.where(pos < T, doc, cu.numel() + pos)
 
-    def pack(t: Tensor) -> Tensor:
-        out = t.new_zeros((n, L) + tuple(t.shape[2:]))
-        out[doc, pos] = t[0]
-        return out
+    def blocks(t: Tensor, with_prev: bool) -> Tensor:
+        t = F.pad(t[0], (0, 0, 0, 0, 0, pad)).view(nb, S, t.shape[2], D)
+        if with_prev:
+            t = torch.cat((torch.cat((torch.zeros_like(t[:1]), t[:-1])), t), dim=1)  # (nb, 2S, H, D)
+        return t.transpose(1, 2)
 
-    y = _sdpa_causal(pack(q), pack(k), pack(v))
-    return y[doc, pos].unsqueeze(0)
+    dq, gq = doc.view(nb, S), pos.view(nb, S)
+    dk = torch.cat((torch.cat((torch.full_like(dq[:1], -1), dq[:-1])), dq), dim=1)
+    gk = torch.cat((gq - S, gq), dim=1)
+    mask = (dq[:, :, None] == dk[:, None, :]) & (gk[:, None, :] <= gq[:, :, None])
+    y = F.scaled_dot_product_attention(blocks(q, False), blocks(k, True), blocks(v, True), attn_mask=mask[:, None],
+                                       enable_gqa=Hq != k.shape[2])
+    return y.transpose(1, 2).reshape(1, nb * S, Hq, D)[:, :T]
