@@ -1,0 +1,480 @@
+"""Batched Newton-Schulz orthogonalization (Muon's inner loop) as Triton kernels.
+
+Same contract as :func:`pgolf.kernels.reference.newton_schulz`: ``G`` is (m, n) or (B, m, n); every matrix is
+Frobenius-normalized (``X = G/(‖G‖_F + eps)`` in ``dtype``), tall matrices are iterated in their wide
+orientation, and step k applies ``A = X Xᵀ; X ← a_k X + (b_k A + c_k A²) X`` with ``(a_k, b_k, c_k) =
+coefficients[min(k, len - 1)]`` (classic quintic or Polar Express). The result has G's shape, in ``dtype``.
+
+Kernels (all batched over B with ``program_id(1)``; every launch covers the whole same-shape bank):
+
+1. ``_ns_sumsq_kernel`` + ``_ns_scale_kernel``: per-matrix Frobenius norm as deterministic per-tile partial
+   sums (no atomics), then ``X = G·1/(‖G‖+eps)`` written into the working buffer in ``dtype``.
+2. ``_ns_gram_kernel``: ``A = X Xᵀ`` (p×p, p = min(m, n)). Only the lower-triangular tiles (j ≤ i) are
+   computed: one program per tile, the linear program id decoded to (i, j) in-kernel; each program stores its
+   tile and the transposed mirror, so the symmetric product costs ~half the FLOPs.
+3. ``_ns_poly_kernel``: ``Bm = b·A + c·A²``; A² is symmetric too, so again lower tiles only plus mirror, with
+   the ``b·A`` term added in the epilogue (one extra tile load).
+4. ``_ns_update_kernel``: ``X' = a·X + Bm·X`` as a tiled GEMM with the ``a·X`` term in the epilogue, written to
+   a ping-pong buffer (an in-place update would race with other tiles reading X).
+
+Tall matrices (m > n) are never transposed in memory: the working buffers keep G's (m, n) layout and the
+kernels index the wide view through swapped strides, so the result needs no transpose either. All address
+arithmetic is int64 (indices cast before multiplying by strides), checked in the tests by inputs whose
+element offsets exceed 2³¹ (strided views of a sparse memory-mapped file).
+
+Dot operands are the working dtype (bf16 on CUDA) with fp32 accumulation; fp32 uses ``input_precision="ieee"``
+to match the fp32 reference. Under ``TRITON_INTERPRET=1`` bf16 tiles are upcast to fp32 before ``tl.dot``
+(the interpreter's bf16 dot is wrong) and one fixed config is used. On a GPU the configs come from
+``pgolf/kernels/tuned/<gpu>.json`` (key ``newton_schulz``) when present, else a short ``triton.autotune`` list
+keyed on (p, q, bucketed B); :func:`tuned_configs` returns the picks and :func:`save_tuned` writes that file.
+
+No autograd: Newton-Schulz is an optimizer step (Muon runs it under ``no_grad``); a ``G`` that requires grad
+with grad mode on raises. Registered as the custom op ``pgolf::newton_schulz`` (with a fake), so
+``torch.compile(fullgraph=True)`` traces through it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+import pgolf.kernels
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+POISON = os.environ.get("PGOLF_KERNELS_POISON", "0") not in ("", "0")
+"""Fill every buffer the launcher allocates with NaN (tests set this to catch unwritten tiles)."""
+
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+
+# Fixed configs: interpreter (small tiles keep the numpy emulation fast) and a GPU default used as a fallback.
+INTERPRET_CONFIG = {
+    "norm": dict(BLOCK_M=64, BLOCK_N=64),
+    "sym": dict(BLOCK=64, BK=64),
+    "update": dict(BM=64, BN=64, BK=64),
+}
+GPU_NORM_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kernels. Every address is ptr + (batch index).to(int64)·stride_b + (row index).to(int64)·stride_r + ...; the
+# helpers are written inline because each nested @triton.jit call costs milliseconds under the interpreter.
+
+@triton.jit
+def _ns_sumsq_kernel(g_ptr, x_ptr, part_ptr, M, N, stride_gb, stride_gm, stride_gn, P,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """part[b, t] = Σ over tile t of G[b].to(dtype)² (fp32). x_ptr only supplies the working dtype."""
+    t = tl.program_id(0)
+    b = tl.program_id(1)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    rows = (t // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (t % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    g_ptrs = (g_ptr + b.to(tl.int64) * stride_gb + rows[:, None].to(tl.int64) * stride_gm
+              + cols[None, :].to(tl.int64) * stride_gn)
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(part_ptr + b.to(tl.int64) * P + t, tl.sum(tl.sum(g * g, axis=1), axis=0))
+
+
+@triton.jit
+def _ns_scale_kernel(g_ptr, part_ptr, x_ptr, M, N, stride_gb, stride_gm, stride_gn, stride_xb, stride_xm,
+                     stride_xn, P, eps, P_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """X[b] = G[b].to(dtype) / (sqrt(Σ part[b, :]) + eps), stored in dtype."""
+    t = tl.program_id(0)
+    b = tl.program_id(1)
+    pidx = tl.arange(0, P_POW2)
+    part = tl.load(part_ptr + b.to(tl.int64) * P + pidx, mask=pidx < P, other=0.0)
+    inv = 1.0 / (tl.sqrt(tl.sum(part, axis=0)) + eps)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    rows = (t // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (t % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    r64 = rows[:, None].to(tl.int64)
+    c64 = cols[None, :].to(tl.int64)
+    g = tl.load(g_ptr + b.to(tl.int64) * stride_gb + r64 * stride_gm + c64 * stride_gn, mask=mask, other=0.0)
+    x = g.to(x_ptr.dtype.element_ty).to(tl.float32) * inv
+    tl.store(x_ptr + b.to(tl.int64) * stride_xb + r64 * stride_xm + c64 * stride_xn, x.to(x_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _ns_gram_kernel(x_ptr, a_ptr, P_, Q_, stride_xb, stride_xr, stride_xc, stride_ab, stride_ar, stride_ac,
+                    B_BUCKET, BLOCK: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """A[b] = X[b] X[b]ᵀ for the wide view X[b]: (P_, Q_) (strides r, c); lower tiles + mirror."""
+    # lower-triangular tile t = i(i+1)/2 + j, j <= i (float sqrt, then fix a possible off-by-one)
+    t = tl.program_id(0)
+    i = ((tl.sqrt(8.0 * t.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    i = tl.where((i + 1) * (i + 2) // 2 <= t, i + 1, i)
+    i = tl.where(i * (i + 1) // 2 > t, i - 1, i)
+    j = t - i * (i + 1) // 2
+    b = tl.program_id(1)
+    rows_i = i * BLOCK + tl.arange(0, BLOCK)
+    rows_j = j * BLOCK + tl.arange(0, BLOCK)
+    mask_i = rows_i < P_
+    mask_j = rows_j < P_
+    xb = x_ptr + b.to(tl.int64) * stride_xb
+    lhs_rows = xb + rows_i[:, None].to(tl.int64) * stride_xr  # (BLOCK, 1)
+    rhs_rows = xb + rows_j[None, :].to(tl.int64) * stride_xr  # (1, BLOCK): X[j-block, :]ᵀ by indexing
+    kr = tl.arange(0, BK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, Q_, BK):
+        ks = k0 + kr
+        koff = ks.to(tl.int64) * stride_xc
+        lhs = tl.load(lhs_rows + koff[None, :], mask=mask_i[:, None] & (ks[None, :] < Q_), other=0.0)
+        rhs = tl.load(rhs_rows + koff[:, None], mask=(ks[:, None] < Q_) & mask_j[None, :], other=0.0)
+        if UPCAST:
+            lhs = lhs.to(tl.float32)
+            rhs = rhs.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(lhs, rhs, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(lhs, rhs, acc)
+    out = acc.to(a_ptr.dtype.element_ty)
+    ab = a_ptr + b.to(tl.int64) * stride_ab
+    ri = rows_i[:, None].to(tl.int64)
+    rj = rows_j[None, :].to(tl.int64)
+    mask = mask_i[:, None] & mask_j[None, :]
+    tl.store(ab + ri * stride_ar + rj * stride_ac, out, mask=mask)
+    if i != j:  # the mirrored tile A[j, i] = A[i, j]ᵀ, stored through transposed strides
+        tl.store(ab + ri * stride_ac + rj * stride_ar, out, mask=mask)
+
+
+@triton.jit
+def _ns_poly_kernel(a_ptr, m_ptr, P_, stride_ab, stride_ar, stride_ac, stride_mb, stride_mr, stride_mc,
+                    coef_b, coef_c, B_BUCKET, BLOCK: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                    IEEE: tl.constexpr):
+    """Bm[b] = coef_b·A[b] + coef_c·A[b]² for symmetric A (P_×P_); lower tiles + mirror."""
+    # lower-triangular tile t = i(i+1)/2 + j, j <= i (float sqrt, then fix a possible off-by-one)
+    t = tl.program_id(0)
+    i = ((tl.sqrt(8.0 * t.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    i = tl.where((i + 1) * (i + 2) // 2 <= t, i + 1, i)
+    i = tl.where(i * (i + 1) // 2 > t, i - 1, i)
+    j = t - i * (i + 1) // 2
+    b = tl.program_id(1)
+    rows_i = i * BLOCK + tl.arange(0, BLOCK)
+    rows_j = j * BLOCK + tl.arange(0, BLOCK)
+    mask_i = rows_i < P_
+    mask_j = rows_j < P_
+    ab = a_ptr + b.to(tl.int64) * stride_ab
+    lhs_rows = ab + rows_i[:, None].to(tl.int64) * stride_ar
+    rhs_cols = ab + rows_j[None, :].to(tl.int64) * stride_ac
+    kr = tl.arange(0, BK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, P_, BK):
+        ks = k0 + kr
+        lhs = tl.load(lhs_rows + ks[None, :].to(tl.int64) * stride_ac, mask=mask_i[:, None] & (ks[None, :] < P_),
+                      other=0.0)
+        rhs = tl.load(rhs_cols + ks[:, None].to(tl.int64) * stride_ar, mask=(ks[:, None] < P_) & mask_j[None, :],
+                      other=0.0)
+        if UPCAST:
+            lhs = lhs.to(tl.float32)
+            rhs = rhs.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(lhs, rhs, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(lhs, rhs, acc)
+    ri = rows_i[:, None].to(tl.int64)
+    rj = rows_j[None, :].to(tl.int64)
+    mask = mask_i[:, None] & mask_j[None, :]
+    a_ij = tl.load(ab + ri * stride_ar + rj * stride_ac, mask=mask, other=0.0).to(tl.float32)
+    out = (coef_c * acc + coef_b * a_ij).to(m_ptr.dtype.element_ty)  # epilogue: + b·A
+    mb = m_ptr + b.to(tl.int64) * stride_mb
+    tl.store(mb + ri * stride_mr + rj * stride_mc, out, mask=mask)
+    if i != j:  # mirrored tile
+        tl.store(mb + ri * stride_mc + rj * stride_mr, out, mask=mask)
+
+
+@triton.jit
+def _ns_update_kernel(m_ptr, x_ptr, y_ptr, P_, Q_, stride_mb, stride_mr, stride_mc, stride_xb, stride_xr,
+                      stride_xc, stride_yb, stride_yr, stride_yc, coef_a, B_BUCKET, BM: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Y[b] = coef_a·X[b] + Bm[b]·X[b]; X, Y: wide views (P_, Q_), Bm: (P_, P_)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    n_tiles_q = tl.cdiv(Q_, BN)
+    rows = (pid // n_tiles_q) * BM + tl.arange(0, BM)
+    cols = (pid % n_tiles_q) * BN + tl.arange(0, BN)
+    mask_r = rows < P_
+    mask_c = cols < Q_
+    mb = m_ptr + b.to(tl.int64) * stride_mb
+    xb = x_ptr + b.to(tl.int64) * stride_xb
+    lhs_rows = mb + rows[:, None].to(tl.int64) * stride_mr
+    rhs_cols = xb + cols[None, :].to(tl.int64) * stride_xc
+    kr = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, P_, BK):
+        ks = k0 + kr
+        lhs = tl.load(lhs_rows + ks[None, :].to(tl.int64) * stride_mc, mask=mask_r[:, None] & (ks[None, :] < P_),
+                      other=0.0)
+        rhs = tl.load(rhs_cols + ks[:, None].to(tl.int64) * stride_xr, mask=(ks[:, None] < P_) & mask_c[None, :],
+                      other=0.0)
+        if UPCAST:
+            lhs = lhs.to(tl.float32)
+            rhs = rhs.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(lhs, rhs, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(lhs, rhs, acc)
+    mask = mask_r[:, None] & mask_c[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    c64 = cols[None, :].to(tl.int64)
+    x_ij = tl.load(xb + r64 * stride_xr + c64 * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    out = coef_a * x_ij + acc  # epilogue: + a·X
+    y_ptrs = y_ptr + b.to(tl.int64) * stride_yb + r64 * stride_yr + c64 * stride_yc
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# configs: interpreter fixed, tuned JSON, or a short autotune list
+
+def _cfg(num_warps, num_stages, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+SYM_CONFIGS = [
+    _cfg(4, 3, BLOCK=64, BK=64),
+    _cfg(4, 4, BLOCK=64, BK=32),
+    _cfg(8, 3, BLOCK=128, BK=64),
+    _cfg(8, 4, BLOCK=128, BK=32),
+]
+UPDATE_CONFIGS = [
+    _cfg(4, 3, BM=64, BN=64, BK=64),
+    _cfg(4, 4, BM=64, BN=128, BK=64),
+    _cfg(8, 3, BM=128, BN=128, BK=64),
+    _cfg(8, 4, BM=128, BN=64, BK=32),
+    _cfg(8, 3, BM=128, BN=256, BK=32),
+]
+_KEY = ["P_", "B_BUCKET"]
+if not INTERPRET:
+    _gram_tuned = triton.autotune(SYM_CONFIGS, key=_KEY + ["Q_"])(_ns_gram_kernel)
+    _poly_tuned = triton.autotune(SYM_CONFIGS, key=_KEY)(_ns_poly_kernel)
+    _update_tuned = triton.autotune(UPDATE_CONFIGS, key=_KEY + ["Q_"])(_ns_update_kernel)
+else:  # autotune cannot run under the interpreter (it benchmarks)
+    _gram_tuned = _poly_tuned = _update_tuned = None
+
+_CHOSEN: dict[str, dict] = {}
+
+
+def gpu_name() -> str:
+    """File stem of the current GPU's tuned-config JSON, e.g. 'nvidia_h200'."""
+    return _gpu_name(torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(index).lower()).strip("_")
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(op: str, device_name: str) -> dict:
+    path = TUNED_DIR / f"{device_name}.json"
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get(op, {}))
+
+
+def _config_dict(cfg: triton.Config) -> dict:
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def tuned_configs() -> dict:
+    """{'newton_schulz': {key: config}} of the autotuner picks made in this process (for tuned/<gpu>.json)."""
+    return {"newton_schulz": dict(_CHOSEN)}
+
+
+def save_tuned(path: str | Path | None = None) -> Path:
+    """Merge this process's autotuner picks into ``pgolf/kernels/tuned/<gpu>.json`` (or ``path``), under the key
+    'newton_schulz'. Run the benchmarks on the GPU first; later processes then launch those configs untuned."""
+    path = Path(path) if path is not None else TUNED_DIR / f"{gpu_name()}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("newton_schulz", {}).update(_CHOSEN)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    _tuned_table.cache_clear()
+    return path
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _launch(raw, tuned, name: str, key: str, grid, args: tuple, consts: dict, fixed: dict,
+            override: dict | None) -> None:
+    """Launch ``raw`` with an overridden / interpreter / tuned-JSON config, else the autotuned wrapper."""
+    cfg = override if override is not None else (fixed if INTERPRET else None)
+    if cfg is None:
+        cfg = _tuned_table("newton_schulz", gpu_name()).get(f"{name}|{key}")
+    if cfg is not None:
+        raw[grid(cfg)](*args, **cfg, **consts)
+        return
+    tuned[grid](*args, **consts)
+    best = getattr(tuned, "best_config", None)
+    if best is not None:
+        _CHOSEN[f"{name}|{key}"] = _config_dict(best)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# launcher
+
+def _alloc(shape, dtype, device) -> Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check(G: Tensor, coefficients, steps: int, dtype: torch.dtype) -> None:
+    if G.dim() not in (2, 3):
+        raise ValueError(f"newton_schulz expects G of shape (m, n) or (B, m, n), got {tuple(G.shape)}")
+    if not (G.is_floating_point() and dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        raise TypeError(f"newton_schulz needs a floating G and dtype in fp32/fp16/bf16; got {G.dtype} → {dtype}")
+    if G.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"the Triton newton_schulz runs on CUDA (or on CPU with TRITON_INTERPRET=1 set before "
+                           f"import); G is on {G.device}")
+    if int(steps) < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if len(coefficients) == 0:
+        raise ValueError("newton_schulz needs at least one (a, b, c) coefficient triple")
+
+
+def launch(G: Tensor, coefficients: Sequence[Sequence[float]], steps: int = 5, eps: float = 1e-7,
+           dtype: torch.dtype = torch.bfloat16, *, config: dict | None = None) -> Tensor:
+    """Run the kernels directly (no custom op). ``config`` ({'norm'|'sym'|'update': {...}}) overrides tiles."""
+    coeffs = [tuple(float(v) for v in t) for t in coefficients]
+    if any(len(t) != 3 for t in coeffs):
+        raise ValueError(f"coefficients must be (a, b, c) triples, got {coefficients!r}")
+    _check(G, coeffs, steps, dtype)
+    config = config or {}
+    G3 = G.unsqueeze(0) if G.dim() == 2 else G
+    B, m, n = G3.shape
+    dev = G.device
+    out = _alloc((B, m, n), dtype, dev)
+    if B * m * n == 0:
+        return out.view(G.shape)
+    tall = m > n
+    p, q = (n, m) if tall else (m, n)
+
+    def wide(t: Tensor) -> tuple[int, int, int]:  # (batch, row, col) strides of the (p, q) wide view
+        s = t.stride()
+        return (s[0], s[2], s[1]) if tall else (s[0], s[1], s[2])
+
+    upcast = INTERPRET and dtype == torch.bfloat16
+    ieee = dtype == torch.float32
+    bb = _bucket(B)
+    steps = int(steps)
+    bufs = [out, _alloc((B, m, n), dtype, dev) if steps > 0 else out]
+    cur = steps % 2  # the last step lands in bufs[0] = out
+
+    # 1. Frobenius normalization into bufs[cur]
+    ncfg = config.get("norm") or (INTERPRET_CONFIG["norm"] if INTERPRET else GPU_NORM_CONFIG)
+    bm_, bn_ = ncfg["BLOCK_M"], ncfg["BLOCK_N"]
+    n_tiles = triton.cdiv(m, bm_) * triton.cdiv(n, bn_)
+    part = _alloc((B, n_tiles), torch.float32, dev)
+    launch_kw = {k: v for k, v in ncfg.items() if k in ("num_warps", "num_stages")}
+    _ns_sumsq_kernel[(n_tiles, B)](G3, bufs[cur], part, m, n, *G3.stride(), n_tiles, BLOCK_M=bm_, BLOCK_N=bn_,
+                                   **launch_kw)
+    _ns_scale_kernel[(n_tiles, B)](G3, part, bufs[cur], m, n, *G3.stride(), *bufs[cur].stride(), n_tiles,
+                                   float(eps), P_POW2=triton.next_power_of_2(n_tiles), BLOCK_M=bm_, BLOCK_N=bn_,
+                                   **launch_kw)
+    if steps == 0:
+        return out.view(G.shape)
+
+    A = _alloc((B, p, p), dtype, dev)
+    Bm = _alloc((B, p, p), dtype, dev)
+
+    def sym_grid(meta):
+        t = triton.cdiv(p, meta["BLOCK"])
+        return (t * (t + 1) // 2, B)
+
+    def upd_grid(meta):
+        return (triton.cdiv(p, meta["BM"]) * triton.cdiv(q, meta["BN"]), B)
+
+    key = f"p={p},q={q},b={bb},{str(dtype).removeprefix('torch.')}"
+    consts = dict(UPCAST=upcast, IEEE=ieee)
+    sym_cfg, upd_cfg = config.get("sym"), config.get("update")
+    for k in range(steps):
+        a, b, c = coeffs[min(k, len(coeffs) - 1)]
+        X, Y = bufs[cur], bufs[1 - cur]
+        # A = X Xᵀ;  Bm = b·A + c·A²;  Y = a·X + Bm·X
+        _launch(_ns_gram_kernel, _gram_tuned, "gram", key, sym_grid,
+                (X, A, p, q, *wide(X), *A.stride(), bb), consts, INTERPRET_CONFIG["sym"], sym_cfg)
+        _launch(_ns_poly_kernel, _poly_tuned, "poly", key, sym_grid,
+                (A, Bm, p, *A.stride(), *Bm.stride(), float(b), float(c), bb), consts, INTERPRET_CONFIG["sym"],
+                sym_cfg)
+        _launch(_ns_update_kernel, _update_tuned, "update", key, upd_grid,
+                (Bm, X, Y, p, q, *Bm.stride(), *wide(X), *wide(Y), float(a), bb), consts,
+                INTERPRET_CONFIG["update"], upd_cfg)
+        cur = 1 - cur
+    assert cur == 0
+    return out.view(G.shape)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# custom op + dispatch registration
+
+@torch.library.custom_op("pgolf::newton_schulz", mutates_args=())
+def newton_schulz_op(G: Tensor, coefficients: list[float], steps: int, eps: float, dtype: torch.dtype) -> Tensor:
+    """Custom-op form: ``coefficients`` is the flattened list of (a, b, c) triples."""
+    if len(coefficients) % 3:
+        raise ValueError(f"flattened coefficients must hold whole (a, b, c) triples, got {len(coefficients)} values")
+    triples = [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)]
+    return launch(G, triples, steps, eps, dtype)
+
+
+@newton_schulz_op.register_fake
+def _newton_schulz_fake(G: Tensor, coefficients: list[float], steps: int, eps: float, dtype: torch.dtype) -> Tensor:
+    return G.new_empty(G.shape, dtype=dtype)
+
+
+def newton_schulz(G: Tensor, coefficients: Sequence[Sequence[float]], steps: int = 5, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Triton Newton-Schulz; same signature and result contract as the reference. No autograd."""
+    if not _restored:
+        restore_dispatch_name()
+    if G.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("the Triton newton_schulz has no autograd (it is an optimizer step): call it under "
+                           "torch.no_grad() or on a detached tensor")
+    flat = []
+    for triple in coefficients:
+        if len(triple) != 3:
+            raise ValueError(f"coefficients must be (a, b, c) triples, got {coefficients!r}")
+        flat.extend(float(v) for v in triple)
+    return torch.ops.pgolf.newton_schulz(G, flat, int(steps), float(eps), dtype)
+
+
+pgolf.kernels.register("newton_schulz", "triton", newton_schulz)
+
+# Name clash guard. Importing this submodule makes Python bind ``pgolf.kernels.newton_schulz`` to the *module*, hiding
+# the dispatch function of the same name (which Muon / Int6Linear call). The module is made callable (forwarding to
+# the dispatch function captured here, before the binding happens) so eager callers keep working, and the first
+# call of the Triton entry puts the function back (torch.compile cannot trace a call to a module object).
+_DISPATCH = pgolf.kernels.__dict__.get("newton_schulz")
+if isinstance(_DISPATCH, types.ModuleType) or not callable(_DISPATCH):  # imported again after a restore failed
+    _DISPATCH = None
+_restored = _DISPATCH is None
+
+
+def restore_dispatch_name() -> None:
+    """Rebind ``pgolf.kernels.newton_schulz`` to the dispatch function (see above)."""
+    global _restored
+    if _DISPATCH is not None and pgolf.kernels.__dict__.get("newton_schulz") is not _DISPATCH:
+        setattr(pgolf.kernels, "newton_schulz", _DISPATCH)
+    _restored = True
+
+
+class _CallableOpModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return _DISPATCH(*args, **kwargs)
+
+
+if _DISPATCH is not None:
+    sys.modules[__name__].__class__ = _CallableOpModule
