@@ -2,11 +2,18 @@
 # make test: set up .venv and run the test suite (CPU; Triton kernels under the interpreter).
 # TORCH_SPEC picks the torch to install when none is importable in the venv, e.g.
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# make gpu-check: on a GPU machine, with the torch/triton already installed there (no venv, no install): the
+#   GPU-marked tests and the kernel, training-step and eval benchmarks, all run even when one fails, into
+#   bench/results/<date>_<gpu>_<commit>.json plus one bench/history.jsonl record; exit 1 if anything failed.
+#   About 19 minutes at most on an H200 (GPU_CHECK_ARGS="--budget-s 540" for a 10-minute slot). Pass
+#   PGOLF_COMMIT=<sha> when the tree has no .git, GPU_CHECK_ARGS="--copy-to DIR" to also copy results and logs.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
 
 .PHONY: venv demo test gpu-check clean-data
 
@@ -23,6 +30,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) -m pgolf.bench gpu-check $(GPU_CHECK_ARGS)
 
 clean-data:
 	rm -rf data/synthetic

@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["pgolf", "pgolf.*"]),
     python_requires=">=3.10",
     install_requires=["torch", "triton", "sentencepiece", "numpy", "brotli"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"]},
     entry_points={"console_scripts": ["pgolf-train=pgolf.train.cli:main", "pgolf-bench=pgolf.bench.cli:main",
                                       "pgolf-pack=pgolf.quant.pack:main"]},
 )
