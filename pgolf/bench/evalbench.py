@@ -453,7 +453,7 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [f"model: {result['source']}", f"data: {result['data']}",
              f"full set: {result['full_tokens_note']}; {W} GPUs; window {result['window']}, stride {result['stride']}, "
              f"{result['batch']} windows per forward",
-             f"ops: " + ", ".join(f"{k}={v}" for k, v in result["ops"].items()), ""]
+             "ops: " + ", ".join(f"{k}={v}" for k, v in result["ops"].items()), ""]
     head = ("part", "measured", "on", "projected (s)", "note")
     rows = [head]
     rt = result.get("roundtrip")

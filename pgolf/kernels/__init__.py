@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import types
 from typing import Callable, Iterator
 
 from torch import Tensor
@@ -101,6 +103,29 @@ def use_backend(backend: str, op: str | None = None) -> Iterator[None]:
             _OVERRIDE[op] = prev
 
 
+def preload(device_type: str = "cuda") -> dict[str, str]:
+    """Import the Triton modules the selected backends will use on ``device_type``; returns op → backend.
+
+    Call before ``torch.compile``: the lazy import inside a traced dispatch call is not traceable.
+    """
+    return {op: implementation(op, device_type)[0] for op in OPS}
+
+
+class _KernelsPackage(types.ModuleType):
+    """This package's module type: the op names always stay bound to the dispatch functions.
+
+    Importing a submodule binds it on its parent package under its own name, and four op modules share their
+    op's name (``pgolf.kernels.mlp`` ...): without this guard that import would replace the function the model
+    calls with a module. Reach an op module with ``importlib.import_module("pgolf.kernels.mlp")`` or
+    ``from pgolf.kernels.mlp import ...``.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in OPS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
 # --------------------------------------------------------------------------------------------------------
 # The ops. Signatures and shapes are documented on the reference implementations.
 
@@ -140,3 +165,5 @@ def int6_matmul(x: Tensor, q: Tensor, scale: Tensor, *, in_features: int, packed
 
 
 softcap = reference.softcap
+
+sys.modules[__name__].__class__ = _KernelsPackage

@@ -37,8 +37,6 @@ import functools
 import json
 import os
 import re
-import sys
-import types
 from pathlib import Path
 
 import torch
@@ -358,8 +356,6 @@ def _int6_matmul_fake(x: Tensor, q: Tensor, scale: Tensor, in_features: int, pac
 def int6_matmul(x: Tensor, q: Tensor, scale: Tensor, *, in_features: int, packed: bool) -> Tensor:
     """Triton ``y = x · (q ⊙ s)ᵀ``; same signature and result as the reference. Inference only (no autograd):
     raises if ``x`` requires grad while grad mode is on."""
-    if not _restored:
-        restore_dispatch_name()
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("the Triton int6_matmul is inference-only (no autograd): run it under torch.no_grad() "
                            "/ torch.inference_mode() or pass a detached x; use the reference backend to train")
@@ -403,29 +399,3 @@ class Int6Linear(torch.nn.Module):
 
 
 pgolf.kernels.register("int6_matmul", "triton", int6_matmul)
-
-# Name clash guard. Importing this submodule makes Python bind ``pgolf.kernels.int6_matmul`` to the *module*, hiding
-# the dispatch function of the same name (which Muon / Int6Linear call). The module is made callable (forwarding to
-# the dispatch function captured here, before the binding happens) so eager callers keep working, and the first
-# call of the Triton entry puts the function back (torch.compile cannot trace a call to a module object).
-_DISPATCH = pgolf.kernels.__dict__.get("int6_matmul")
-if isinstance(_DISPATCH, types.ModuleType) or not callable(_DISPATCH):  # imported again after a restore failed
-    _DISPATCH = None
-_restored = _DISPATCH is None
-
-
-def restore_dispatch_name() -> None:
-    """Rebind ``pgolf.kernels.int6_matmul`` to the dispatch function (see above)."""
-    global _restored
-    if _DISPATCH is not None and pgolf.kernels.__dict__.get("int6_matmul") is not _DISPATCH:
-        setattr(pgolf.kernels, "int6_matmul", _DISPATCH)
-    _restored = True
-
-
-class _CallableOpModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return _DISPATCH(*args, **kwargs)
-
-
-if _DISPATCH is not None:
-    sys.modules[__name__].__class__ = _CallableOpModule

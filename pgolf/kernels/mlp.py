@@ -35,9 +35,7 @@ import json
 import math
 import os
 import re
-import sys
 import threading
-import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -436,39 +434,4 @@ def pretune(shapes=RECORD_SHAPES, dtype: torch.dtype = torch.bfloat16, device: t
     return save_tuned(device)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Name clash guard. Importing this module makes Python bind ``pgolf.kernels.mlp`` to the *module*, hiding the
-# dispatch function of the same name that the model calls. The module is made callable (forwarding to the
-# dispatch function) so eager callers keep working, and the first call through the dispatch puts the function
-# back (torch.compile cannot trace a call to a module object). ``restore_dispatch_names()`` does it explicitly.
-
-_DISPATCH_FNS: dict[str, Callable] = {"mlp": kernels.mlp}
-_restored = False
-
-
-def restore_dispatch_names(fns: dict[str, Callable] | None = None) -> None:
-    """Rebind ``pgolf.kernels.<op>`` to the dispatch functions captured at import (see above)."""
-    global _restored
-    for name, fn in (fns or _DISPATCH_FNS).items():
-        if kernels.__dict__.get(name) is not fn:
-            setattr(kernels, name, fn)
-    if fns is None:
-        _restored = True
-
-
-class _CallableModule(types.ModuleType):
-    """Module type whose instances forward calls to the dispatch function stored in ``_module_call``."""
-
-    def __call__(self, *args, **kwargs):
-        return self._module_call(*args, **kwargs)
-
-
-def _mlp_entry(x: Tensor, w1: Tensor, w2: Tensor, negative_slope: float = 0.5) -> Tensor:
-    if not _restored:
-        restore_dispatch_names()
-    return mlp(x, w1, w2, negative_slope)
-
-
-_module_call = _DISPATCH_FNS["mlp"]
-sys.modules[__name__].__class__ = _CallableModule
-kernels.register("mlp", "triton", _mlp_entry)
+kernels.register("mlp", "triton", mlp)

@@ -39,8 +39,6 @@ import functools
 import json
 import os
 import re
-import sys
-import types
 from pathlib import Path
 from typing import Sequence
 
@@ -438,8 +436,6 @@ def _newton_schulz_fake(G: Tensor, coefficients: list[float], steps: int, eps: f
 def newton_schulz(G: Tensor, coefficients: Sequence[Sequence[float]], steps: int = 5, eps: float = 1e-7,
                   dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Triton Newton-Schulz; same signature and result contract as the reference. No autograd."""
-    if not _restored:
-        restore_dispatch_name()
     if G.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("the Triton newton_schulz has no autograd (it is an optimizer step): call it under "
                            "torch.no_grad() or on a detached tensor")
@@ -452,29 +448,3 @@ def newton_schulz(G: Tensor, coefficients: Sequence[Sequence[float]], steps: int
 
 
 pgolf.kernels.register("newton_schulz", "triton", newton_schulz)
-
-# Name clash guard. Importing this submodule makes Python bind ``pgolf.kernels.newton_schulz`` to the *module*, hiding
-# the dispatch function of the same name (which Muon / Int6Linear call). The module is made callable (forwarding to
-# the dispatch function captured here, before the binding happens) so eager callers keep working, and the first
-# call of the Triton entry puts the function back (torch.compile cannot trace a call to a module object).
-_DISPATCH = pgolf.kernels.__dict__.get("newton_schulz")
-if isinstance(_DISPATCH, types.ModuleType) or not callable(_DISPATCH):  # imported again after a restore failed
-    _DISPATCH = None
-_restored = _DISPATCH is None
-
-
-def restore_dispatch_name() -> None:
-    """Rebind ``pgolf.kernels.newton_schulz`` to the dispatch function (see above)."""
-    global _restored
-    if _DISPATCH is not None and pgolf.kernels.__dict__.get("newton_schulz") is not _DISPATCH:
-        setattr(pgolf.kernels, "newton_schulz", _DISPATCH)
-    _restored = True
-
-
-class _CallableOpModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return _DISPATCH(*args, **kwargs)
-
-
-if _DISPATCH is not None:
-    sys.modules[__name__].__class__ = _CallableOpModule

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +45,8 @@ from torch import Tensor
 from pgolf import kernels
 from pgolf.kernels import reference
 
-# shared launch-config and poison helpers (``from pgolf.kernels import mlp`` would give the dispatch function)
+# shared launch-config and poison helpers (``from pgolf.kernels import mlp`` gives the dispatch function)
 _m = importlib.import_module("pgolf.kernels.mlp")
-_m.restore_dispatch_names()
 ConfigPicker, new_output, _env_flag = _m.ConfigPicker, _m.new_output, _m._env_flag
 round_for_bf16, rne_bf16 = _m.round_for_bf16, _m.rne_bf16
 INTERPRET = _m.INTERPRET
@@ -420,34 +417,5 @@ def pretune(shapes=RECORD_SHAPES, dtype: torch.dtype = torch.bfloat16, device: t
     return _m.save_tuned(device)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Name clash guard (see pgolf.kernels.mlp): importing this module rebinds pgolf.kernels.softcap_ce to it.
-
-_DISPATCH_FNS: dict[str, Callable] = {"softcap_ce": kernels.softcap_ce}
-_restored = False
-
-
-def restore_dispatch_names() -> None:
-    """Rebind ``pgolf.kernels.softcap_ce`` (and ``.mlp``) to the dispatch functions."""
-    global _restored
-    _m.restore_dispatch_names(_DISPATCH_FNS)
-    _m.restore_dispatch_names()
-    _restored = True
-
-
-def _softcap_ce_entry(z: Tensor, targets: Tensor, cap: float) -> Tensor:
-    if not _restored:
-        restore_dispatch_names()
-    return softcap_ce(z, targets, cap)
-
-
-def _lm_head_loss_entry(h: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Tensor:
-    if not _restored:
-        restore_dispatch_names()
-    return lm_head_loss(h, weight, targets, cap)
-
-
-_module_call = _DISPATCH_FNS["softcap_ce"]
-sys.modules[__name__].__class__ = _m._CallableModule
-kernels.register("softcap_ce", "triton", _softcap_ce_entry)
-kernels.register("lm_head_loss", "triton", _lm_head_loss_entry)
+kernels.register("softcap_ce", "triton", softcap_ce)
+kernels.register("lm_head_loss", "triton", lm_head_loss)

@@ -20,7 +20,6 @@ from pgolf import kernels
 from pgolf.kernels import reference
 
 K = importlib.import_module("pgolf.kernels.mlp")
-K.restore_dispatch_names()  # importing the module rebinds pgolf.kernels.mlp; put the dispatch function back
 
 F64 = torch.float64
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}

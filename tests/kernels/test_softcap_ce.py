@@ -19,7 +19,6 @@ from pgolf import kernels
 from pgolf.kernels import reference
 
 K = importlib.import_module("pgolf.kernels.softcap_ce")
-K.restore_dispatch_names()  # importing the module rebinds pgolf.kernels.softcap_ce; put the function back
 MLP = importlib.import_module("pgolf.kernels.mlp")
 
 F64 = torch.float64

@@ -19,7 +19,6 @@ from pgolf.train.optim import build_optimizers
 
 CE = importlib.import_module("pgolf.kernels.softcap_ce")
 MLP = importlib.import_module("pgolf.kernels.mlp")
-CE.restore_dispatch_names()
 
 
 @pytest.fixture(autouse=True, scope="module")

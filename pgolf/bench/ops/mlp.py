@@ -30,7 +30,6 @@ def triton_available(device: torch.device) -> bool:
 
 def _triton_mlp() -> Callable:
     mod = importlib.import_module("pgolf.kernels.mlp")
-    mod.restore_dispatch_names()  # the import rebinds pgolf.kernels.mlp to the module
     return mod.mlp
 
 

@@ -31,7 +31,6 @@ SMOKE = dict(N=(32,), V=97, d=16)
 
 def _ce_module():
     mod = importlib.import_module("pgolf.kernels.softcap_ce")
-    mod.restore_dispatch_names()  # the import rebinds pgolf.kernels.softcap_ce to the module
     return mod
 
 
