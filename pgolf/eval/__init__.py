@@ -13,3 +13,15 @@ from pgolf.eval.bpb import EvalResult, evaluate
 from pgolf.eval.sliding import evaluate_sliding, window_plan
 
 __all__ = ["EvalResult", "evaluate", "evaluate_sliding", "window_plan"]
+
+# legal score-first TTT, its run-time ledger, the compliance report and TTT budget sizing
+from pgolf.eval.budget import MeasuredRates, TTTPlan, estimate_lora_seconds, measure_rates, plan_ttt  # noqa: E402
+from pgolf.eval.compliance import ComplianceReport, probe_causality, probe_normalization  # noqa: E402
+from pgolf.eval.ledger import (ComplianceViolation, Ledger, LedgerSummary, ValidationTokens,  # noqa: E402
+                               assert_not_validation, mark_validation, set_active_ledger)
+from pgolf.eval.ttt import TTTResult, TTTSettings, run_ttt  # noqa: E402
+
+__all__ += ["MeasuredRates", "TTTPlan", "estimate_lora_seconds", "measure_rates", "plan_ttt", "ComplianceReport",
+            "probe_causality", "probe_normalization", "ComplianceViolation", "Ledger", "LedgerSummary",
+            "ValidationTokens", "assert_not_validation", "mark_validation", "set_active_ledger", "TTTResult",
+            "TTTSettings", "run_ttt"]

@@ -1,0 +1,864 @@
+"""Legal score-first test-time training (reference-stack 5.3-5.6), every step checked by a :class:`Ledger`.
+
+Entry point: :func:`run_ttt` ``(model, val_tokens, tables, *, mode='chunk'|'lora'|'phased', settings, ledger,
+rank, world_size, log) -> TTTResult``. The model is adapted IN PLACE (chunk and phased modes change its weights).
+
+- ``chunk`` (R1/R3): the stream is cut into chunks of ``chunk_tokens`` targets; every sliding window (``window``,
+  ``stride`` exactly as :func:`pgolf.eval.evaluate_sliding`) belongs to the chunk holding its first scored target.
+  Chunk c: (a) its windows are scored under no-grad (windows split contiguously across ranks); (b) unless c is the
+  last chunk, the model trains on the chunk's contiguous ``seq_len`` sequences (split across ranks) for ``epochs``
+  SGD steps (momentum 0.9, one optimizer for the whole run, ``lr_c = lr·½(1+cos(π c/(C−1)))``, gradients averaged
+  across ranks then clipped to ``grad_clip``; all parameters or those matching ``params`` patterns).
+- ``lora`` (R4): documents are the spans between BOS tokens (target d's range is ``[start_d, start_{d+1})``: its
+  inputs are the document itself, its last target is the next document's BOS). Documents go in validation order,
+  ``lora_batch_docs`` per batch, each with fresh batched LoRA adapters (A from one seeded U(±1/√in) draw shared
+  by every document, B = 0, output × α/r) on Q, K, V, O, the MLP of every virtual layer slot and on the LM head.
+  Each document is read in chunks of ``lora_chunk`` targets; chunk i is scored from one forward over the last
+  ≤ ``lora_window`` tokens of the document ending at the chunk's end, then, if the document has later chunks, one
+  AdamW step on the sum over documents of each document's mean chunk loss. No state crosses documents: adapters
+  and optimizer state are per-row, the initial A is the same for every document, the base model is frozen.
+  The LoRA path is the model's OWN forward with the adapters attached by module hooks (``c_q``/``c_k``/``c_v``
+  outputs, the attention output, the MLP output), so every gate and smear of the model is necessarily there.
+- ``phased`` (R5/R6): ``lora`` plus, when the number of fully scored documents crosses each of the ``phases``
+  cumulative boundaries ⌊P·k/phases⌋ of ``phase_prefix_docs`` = P, global SGD on the base weights over the
+  concatenated tokens of the first ``boundary`` documents (all scored: documents go in order), chunks of
+  ``phase_chunk_tokens``, ``phase_epochs``, document-isolated attention, cosine LR over chunks, last chunk skipped.
+
+Distributed: chunk mode splits windows and sequences contiguously across ranks; lora/phased hand batch j to rank
+``j mod W`` in lock-step rounds. A process group is required when world_size > 1 (gradients are all-reduced).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf import kernels
+from pgolf.data.tokenizer import ByteTables, bits_per_byte, count_bytes
+from pgolf.eval.bpb import _autocast, _eval_mode, _model_device, _rank_slice, _resolve_rank, _score_windows, \
+    _window_cu_seqlens
+from pgolf.eval.ledger import ComplianceViolation, Ledger, LedgerSummary, set_active_ledger, strip_validation
+from pgolf.eval.sliding import _plan_tensors
+
+MODES = ("chunk", "lora", "phased")
+LORA_SITES = ("q", "k", "v", "o", "mlp", "head")
+
+
+@dataclass
+class TTTSettings:
+    """All TTT knobs (record defaults). ``TTTSettings.from_dict`` / ``replace`` for CLI overrides."""
+
+    # scoring windows (chunk mode; exactly evaluate_sliding's plan)
+    window: int = 2048
+    stride: int = 64
+    batch_windows: int = 32
+    doc_isolated: bool = False
+    autocast_dtype: Any = None  # None | torch.bfloat16 | 'bf16' | 'fp16'
+    # chunk mode
+    chunk_tokens: int = 32_768
+    epochs: int = 3
+    lr: float = 0.005
+    momentum: float = 0.9
+    grad_clip: float = 1.0
+    seq_len: int = 2048
+    micro_batch_seqs: int = 0  # sequences per forward when training (0: all of a rank's share at once)
+    params: tuple[str, ...] = ()  # fnmatch patterns of trainable parameter names; () = all parameters
+    train_doc_isolated: bool = False
+    # lora / phased
+    lora_rank: int = 96
+    lora_alpha: float = 144.0
+    lora_chunk: int = 48
+    lora_window: int = 2048
+    lora_lr: float = 1e-4
+    lora_beta1: float = 0.0
+    lora_beta2: float = 0.999
+    lora_eps: float = 1e-10
+    lora_wd: float = 0.5
+    lora_batch_docs: int = 64
+    lora_sites: tuple[str, ...] = LORA_SITES
+    phase_prefix_docs: int = 2500
+    phases: int = 3
+    phase_lr: float = 0.001
+    phase_momentum: float = 0.9
+    phase_chunk_tokens: int = 32_768
+    phase_seq_len: int = 2048
+    phase_epochs: int = 1
+    # misc
+    seed: int = 0
+    probes: bool = True  # normalization + causality probes (their time counts as eval time)
+    probe_tokens: int = 128
+    bos_id: int | None = None  # default: model.config.bos_id, else 1
+
+    def replace(self, **kw: Any) -> "TTTSettings":
+        d = asdict(self)
+        d.update(kw)
+        return TTTSettings.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TTTSettings":
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"unknown TTT settings {bad}; known: {sorted(known)}")
+        d = dict(d)
+        for k in ("params", "lora_sites"):
+            if k in d and d[k] is not None:
+                d[k] = (d[k],) if isinstance(d[k], str) else tuple(d[k])
+        s = cls(**d)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("window", "stride", "batch_windows", "chunk_tokens", "seq_len", "lora_rank", "lora_chunk",
+                     "lora_window", "lora_batch_docs", "phase_chunk_tokens", "phase_seq_len", "phases"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.stride > self.window:
+            problems.append("stride must be <= window")
+        if self.epochs < 0 or self.phase_epochs < 0 or self.phase_prefix_docs < 0:
+            problems.append("epochs, phase_epochs and phase_prefix_docs must be >= 0")
+        if self.epochs > 0 and self.chunk_tokens < self.seq_len:
+            problems.append(f"chunk_tokens {self.chunk_tokens} < seq_len {self.seq_len}: no chunk holds a training "
+                            f"sequence (use epochs=0 for no training)")
+        if self.phase_chunk_tokens < self.phase_seq_len:
+            problems.append(f"phase_chunk_tokens {self.phase_chunk_tokens} < phase_seq_len {self.phase_seq_len}")
+        bad_sites = sorted(set(self.lora_sites) - set(LORA_SITES))
+        if bad_sites:
+            problems.append(f"lora_sites {bad_sites} not in {LORA_SITES}")
+        if problems:
+            raise ValueError("invalid TTTSettings: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["autocast_dtype"] = None if self.autocast_dtype is None else str(self.autocast_dtype)
+        return d
+
+
+@dataclass
+class TTTResult:
+    """Outcome of :func:`run_ttt` (sums all-reduced over ranks)."""
+
+    mode: str
+    val_loss: float
+    val_bpb: float
+    tokens: int
+    bytes: int
+    nll_sum: float
+    seconds: float  # wall time of run_ttt (scoring + adaptation + probes + ledger)
+    timings: dict[str, float]
+    adapt_steps: int
+    ledger: LedgerSummary
+    probes: dict[str, Any]
+    settings: dict[str, Any]
+    rank: int
+    world_size: int
+    n_chunks: int | None = None
+    n_docs: int | None = None
+    doc_nll: Tensor | None = field(default=None, repr=False)  # lora/phased: per-document nll (this rank's docs)
+
+    @property
+    def ledger_overhead_fraction(self) -> float:
+        return self.ledger.overhead_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("doc_nll", "ledger")}
+        d["ledger"] = self.ledger.to_dict()
+        d["ledger_overhead_fraction"] = self.ledger_overhead_fraction
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _autocast_dtype(x: Any) -> torch.dtype | None:
+    if x is None or isinstance(x, torch.dtype):
+        return x
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "torch.bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16, "torch.float16": torch.float16, "none": None}
+    try:
+        return names[str(x).lower()]
+    except KeyError:
+        raise ValueError(f"autocast_dtype must be None, 'bf16' or 'fp16', got {x!r}") from None
+
+
+def _dist_running(world_size: int) -> bool:
+    if world_size == 1:
+        return False
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"TTT with world_size={world_size} needs a running torch.distributed process group "
+                           f"(gradients and the ledger are all-reduced)")
+    if dist.get_world_size() != world_size:
+        raise ValueError(f"world_size={world_size} differs from the process group's {dist.get_world_size()}")
+    return True
+
+
+def _allreduce_grads_avg(params: Sequence[nn.Parameter], world_size: int) -> None:
+    """Average gradients across ranks in one flat buffer (missing grads count as zeros)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if world_size == 1 or not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[off: off + n].view_as(p))
+        off += n
+
+
+def select_params(model: nn.Module, patterns: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
+    """Named parameters matching any fnmatch pattern (all when ``patterns`` is empty). Raises if none match."""
+    named = list(model.named_parameters())
+    if not patterns:
+        return named
+    out = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    if not out:
+        raise ValueError(f"no parameter matches {list(patterns)}; names look like {[n for n, _ in named[:4]]}")
+    return out
+
+
+class _TrainableOnly:
+    """Context: only ``params`` require grad; the previous flags are restored on exit."""
+
+    def __init__(self, model: nn.Module, params: Iterable[nn.Parameter]):
+        self.model, self.keep = model, {id(p) for p in params}
+
+    def __enter__(self):
+        self.prev = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.prev:
+            p.requires_grad_(id(p) in self.keep)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.prev:
+            p.requires_grad_(flag)
+        return False
+
+
+def cosine_lr(lr0: float, c: int, n_chunks: int) -> float:
+    """lr_c = lr0 · ½(1 + cos(π c / (C − 1))) (lr0 when C == 1)."""
+    if n_chunks <= 1:
+        return lr0
+    return lr0 * 0.5 * (1.0 + math.cos(math.pi * c / (n_chunks - 1)))
+
+
+def _sgd_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, tokens: Tensor,
+              seq_starts: Sequence[int], seq_len: int, *, lr: float, clip: float, world_size: int,
+              micro: int, doc_isolated: bool, bos_id: int, autocast_dtype) -> float:
+    """One optimizer step on this rank's sequences ``tokens[s : s+L]`` → ``tokens[s+1 : s+L+1]`` (gradients
+    averaged across ranks, clipped). Returns this rank's mean loss (nan for an empty share)."""
+    device = tokens.device
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    n = len(seq_starts)
+    loss_sum = 0.0
+    ar = torch.arange(seq_len, device=device)
+    micro = micro or max(n, 1)
+    model.train()
+    for b0 in range(0, n, micro):
+        s = torch.as_tensor(list(seq_starts[b0:b0 + micro]), device=device, dtype=torch.int64)
+        idx = s[:, None] + ar[None, :]
+        x, y = tokens[idx], tokens[idx + 1]
+        with _autocast(device, autocast_dtype):
+            if doc_isolated:
+                xf = x.reshape(1, -1)
+                cu = _window_cu_seqlens(xf[0], seq_len, bos_id)
+                loss = model.loss(xf, y.reshape(1, -1), cu_seqlens=cu, max_seqlen=seq_len, reduction="sum")
+            else:
+                loss = model.loss(x, y, reduction="sum")
+        (loss.float() / (n * seq_len)).backward()
+        loss_sum += float(loss.detach())
+    _allreduce_grads_avg(params, world_size)
+    if clip and clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return loss_sum / (n * seq_len) if n else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chunked score-first TTT
+
+
+class ChunkTTT:
+    """Score-first chunked TTT. :meth:`run` is ``for c: score_chunk(c); train_chunk(c) (not the last)``.
+
+    :meth:`score_chunk` and :meth:`train_chunk` report to the ledger, so any other order of calls (training before
+    scoring, several epochs over the stream first, scoring twice) raises :class:`ComplianceViolation`.
+    """
+
+    def __init__(self, model: nn.Module, tokens: Tensor, tables: ByteTables, settings: TTTSettings, ledger: Ledger,
+                 *, rank: int, world_size: int, log: Callable[[str], None] = print):
+        self.model, self.s, self.ledger, self.log = model, settings, ledger, log
+        self.rank, self.world_size = rank, world_size
+        self.device = tokens.device
+        self.tokens = tokens
+        self.tables = tables.to(self.device)
+        self.N = tokens.numel() - 1
+        self.bos_id = settings.bos_id
+        self.amp = _autocast_dtype(settings.autocast_dtype)
+        starts, ends, offsets = _plan_tensors(self.N, settings.window, settings.stride)
+        self.starts, self.ends, self.offsets = starts, ends, offsets
+        self.first = starts + offsets  # first scored target of each window (cpu int64)
+        S = settings.chunk_tokens
+        self.n_chunks = max(1, -(-self.N // S))
+        chunk_of = self.first // S
+        self.bounds = torch.searchsorted(chunk_of, torch.arange(self.n_chunks + 1)).tolist()
+        self.width = min(settings.window, self.N)
+        named = select_params(model, settings.params)
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.opt = torch.optim.SGD(self.params, lr=settings.lr, momentum=settings.momentum)  # shared across chunks
+        self.sums = [torch.zeros((), dtype=torch.float64, device=self.device),
+                     torch.zeros((), dtype=torch.int64, device=self.device),
+                     torch.zeros((), dtype=torch.int64, device=self.device)]
+        self.timings = {"score_s": 0.0, "train_s": 0.0}
+        self.steps = 0
+
+    def chunk_targets(self, c: int) -> tuple[int, int]:
+        """Targets ``[lo, hi)`` the windows of chunk ``c`` score (all ranks)."""
+        w0, w1 = self.bounds[c], self.bounds[c + 1]
+        if w1 <= w0:
+            return 0, 0
+        return int(self.first[w0]), int(self.ends[w1 - 1])
+
+    def score_chunk(self, c: int) -> None:
+        t0 = time.perf_counter()
+        w0, w1 = self.bounds[c], self.bounds[c + 1]
+        lo, hi = _rank_slice(w1 - w0, self.rank, self.world_size)
+        lo, hi = w0 + lo, w0 + hi
+        if hi > lo:
+            t_lo, t_hi = int(self.first[lo]), int(self.ends[hi - 1])
+            # the ledger first: a rescoring raises before the forward runs
+            self.ledger.score(t_lo, t_hi, label=f"chunk_score:{c}")
+            d = self.device
+            with _eval_mode(self.model):
+                nll, nbytes, cnt = _score_windows(
+                    self.model, self.tokens, self.tables, self.starts[lo:hi].to(d),
+                    (self.ends - self.starts)[lo:hi].to(d), self.offsets[lo:hi].to(d), width=self.width,
+                    batch=self.s.batch_windows, doc_isolated=self.s.doc_isolated, bos_id=self.bos_id,
+                    autocast_dtype=self.amp)
+            if int(cnt) != t_hi - t_lo:
+                raise ComplianceViolation("scoring_mismatch", f"chunk {c} scored {int(cnt)} targets but its windows "
+                                          f"cover {t_hi - t_lo}", position=t_lo, step=self.ledger.event)
+            self.sums[0] += nll
+            self.sums[1] += nbytes
+            self.sums[2] += cnt
+        if self.world_size > 1 and w1 > w0:
+            self.ledger.sync(*self.chunk_targets(c))
+        self.timings["score_s"] += time.perf_counter() - t0
+
+    def chunk_sequences(self, c: int, seq_len: int | None = None) -> list[int]:
+        """Start token positions of chunk ``c``'s contiguous training sequences (all ranks)."""
+        L = seq_len or self.s.seq_len
+        S = self.s.chunk_tokens
+        c0, c1 = c * S, min((c + 1) * S, self.N)
+        return [c0 + j * L for j in range(max(0, c1 - c0) // L)]
+
+    def train_chunk(self, c: int, *, epochs: int | None = None) -> None:
+        t0 = time.perf_counter()
+        s = self.s
+        seqs = self.chunk_sequences(c)
+        epochs = s.epochs if epochs is None else epochs
+        lr = cosine_lr(s.lr, c, self.n_chunks)
+        if not seqs or epochs <= 0:
+            return
+        lo, hi = _rank_slice(len(seqs), self.rank, self.world_size)
+        mine = seqs[lo:hi]
+        ranges = [(seqs[0], seqs[-1] + s.seq_len)]  # every rank's update reads every rank's sequences
+        with _TrainableOnly(self.model, self.params):
+            for e in range(epochs):
+                self.ledger.adapt(ranges, label=f"chunk_sgd:chunk={c} epoch={e}", collective=True)
+                _sgd_step(self.model, self.params, self.opt, self.tokens, mine, s.seq_len, lr=lr, clip=s.grad_clip,
+                          world_size=self.world_size, micro=s.micro_batch_seqs, doc_isolated=s.train_doc_isolated,
+                          bos_id=self.bos_id, autocast_dtype=self.amp)
+                self.steps += 1
+        self.timings["train_s"] += time.perf_counter() - t0
+
+    def run(self, after_first_chunk: Callable[[], None] | None = None) -> None:
+        """Score chunk c, then train on it (not the last). ``after_first_chunk`` runs once chunk 0 is scored and
+        before any training (the normalization/causality probe of the un-adapted model)."""
+        for c in range(self.n_chunks):
+            self.score_chunk(c)
+            if c == 0 and after_first_chunk is not None:
+                after_first_chunk()
+            if c < self.n_chunks - 1:
+                self.train_chunk(c)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# batched per-document LoRA
+
+
+def virtual_slots(model: nn.Module) -> list[int]:
+    """Physical layer index of each virtual layer slot, in call order (looping as the model has it now)."""
+    enc, dec = model.config.layer_plan(model.looping_active)
+    return list(enc) + list(dec)
+
+
+class DocLoRA(nn.Module):
+    """Batched LoRA adapters for ``n`` documents: for each virtual slot and site (q, k, v, o, mlp) and for the head,
+    ``A (n, r, in)`` and ``B (n, out, r)``; ``delta(u) = (u Aᵀ) Bᵀ · α/r``. ``a_init`` maps a key to the shared
+    initial A (1, r, in); B starts at zero."""
+
+    def __init__(self, model: nn.Module, n: int, rank: int, alpha: float, sites: Sequence[str],
+                 a_init: dict[str, Tensor]):
+        super().__init__()
+        c = model.config
+        self.scale = alpha / rank
+        self.sites = tuple(sites)
+        self.slots = virtual_slots(model)
+        dims = {"q": (c.model_dim, c.model_dim), "k": (c.model_dim, c.kv_dim), "v": (c.model_dim, c.kv_dim),
+                "o": (c.model_dim, c.model_dim), "mlp": (c.model_dim, c.model_dim),
+                "head": (c.model_dim, c.vocab_size)}
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        for key in self.keys():
+            site = key.split("_")[-1]
+            din, dout = dims[site]
+            a0 = a_init[key]
+            self.A[key] = nn.Parameter(a0.expand(n, rank, din).clone())
+            self.B[key] = nn.Parameter(torch.zeros(n, dout, rank, device=a0.device, dtype=a0.dtype))
+        self.rows: Tensor | None = None  # active document rows of the current forward
+
+    def keys(self) -> list[str]:
+        """Parameter keys: ``s{slot}_{site}`` per virtual slot and site, then ``head``."""
+        out = [f"s{v}_{site}" for v in range(len(self.slots)) for site in self.sites if site != "head"]
+        if "head" in self.sites:
+            out.append("head")
+        return out
+
+    @staticmethod
+    def initial_a(model: nn.Module, rank: int, sites: Sequence[str], generator: torch.Generator,
+                  device) -> dict[str, Tensor]:
+        """A ~ U(±1/√in), one draw per key (shared by every document: their starts are identical)."""
+        c = model.config
+        out = {}
+        n_slots = len(virtual_slots(model))
+        keys = [f"s{v}_{site}" for v in range(n_slots) for site in sites if site != "head"]
+        if "head" in sites:
+            keys.append("head")
+        for key in keys:
+            din = c.model_dim
+            bound = 1.0 / math.sqrt(din)
+            a = (torch.rand(1, rank, din, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+            out[key] = a.to(device)
+        return out
+
+    def delta(self, key: str, u: Tensor) -> Tensor:
+        A, B = self.A[key], self.B[key]
+        if self.rows is not None:
+            A, B = A[self.rows], B[self.rows]
+        A, B = A.to(u.dtype), B.to(u.dtype)
+        return torch.matmul(torch.matmul(u, A.transpose(1, 2)), B.transpose(1, 2)) * self.scale
+
+
+class LoRAHooks:
+    """Attach a :class:`DocLoRA` to the model's own modules: ``c_q``/``c_k``/``c_v`` outputs get
+    ``+delta(u)``, the attention module's output ``+delta_o(u)`` (u = the block's normalized attention input, in
+    parallel with the whole attention) and the MLP's output ``+delta_mlp(u_mlp)``. Virtual slots are told apart
+    by counting each layer's attention calls within one forward; :meth:`forward_nll` checks the counts."""
+
+    def __init__(self, model: nn.Module, lora: DocLoRA):
+        self.model, self.lora = model, lora
+        self.slots = lora.slots
+        occ: dict[int, int] = {}
+        self.slot_of: dict[tuple[int, int], int] = {}
+        for v, i in enumerate(self.slots):
+            self.slot_of[(i, occ.get(i, 0))] = v
+            occ[i] = occ.get(i, 0) + 1
+        self.expected = occ
+        self.handles: list = []
+        self.attn_calls: dict[int, int] = {}
+        self.mlp_calls: dict[int, int] = {}
+        self.current: dict[int, int] = {}
+
+    def __enter__(self) -> "LoRAHooks":
+        sites = set(self.lora.sites)
+        for i in sorted(self.expected):
+            blk = self.model.blocks[i]
+            self.handles.append(blk.attn.register_forward_pre_hook(self._attn_pre(i)))
+            for site, mod in (("q", blk.attn.c_q), ("k", blk.attn.c_k), ("v", blk.attn.c_v)):
+                if site in sites:
+                    self.handles.append(mod.register_forward_hook(self._linear_post(i, site)))
+            if "o" in sites:
+                self.handles.append(blk.attn.register_forward_hook(self._site_post(i, "o")))
+            self.handles.append(blk.mlp.register_forward_hook(self._mlp_post(i, "mlp" in sites)))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False
+
+    def _attn_pre(self, i: int):
+        def hook(mod, args):
+            k = self.attn_calls.get(i, 0)
+            self.attn_calls[i] = k + 1
+            self.current[i] = self.slot_of[(i, k)]
+        return hook
+
+    def _linear_post(self, i: int, site: str):
+        def hook(mod, args, out):
+            return out + self.lora.delta(f"s{self.current[i]}_{site}", args[0])
+        return hook
+
+    def _site_post(self, i: int, site: str):
+        def hook(mod, args, out):
+            return out + self.lora.delta(f"s{self.current[i]}_{site}", args[0])
+        return hook
+
+    def _mlp_post(self, i: int, active: bool):
+        def hook(mod, args, out):
+            self.mlp_calls[i] = self.mlp_calls.get(i, 0) + 1
+            if not active:
+                return None
+            return out + self.lora.delta(f"s{self.current[i]}_mlp", args[0])
+        return hook
+
+    def hidden(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """The model's final hidden states with the adapters of ``rows`` (one per batch row) attached."""
+        self.attn_calls.clear()
+        self.mlp_calls.clear()
+        self.lora.rows = rows
+        h = self.model.hidden(x)
+        if self.attn_calls != self.expected or self.mlp_calls != self.expected:
+            raise RuntimeError(f"LoRA hooks saw attention calls {self.attn_calls} and MLP calls {self.mlp_calls} "
+                               f"per layer, expected {self.expected} (the model's layer plan changed?)")
+        return h
+
+    def logits_pre_softcap(self, h: Tensor) -> Tensor:
+        """z = h Eᵀ (+ head LoRA), flattened (B·T, V) exactly as the model's head computes it."""
+        hf = h.reshape(-1, h.size(-1))
+        z = F.linear(hf, self.model.tok_emb.weight.to(h.dtype))
+        if "head" in self.lora.sites:
+            z = z + self.lora.delta("head", h).reshape(z.shape)
+        return z
+
+    def forward_nll(self, x: Tensor, y: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Per-token nll (B, T) fp32 of the LoRA-adapted model; equals ``model.loss(x, y, reduction='none')``
+        exactly when every B is zero."""
+        h = self.hidden(x, rows)
+        z = self.logits_pre_softcap(h)
+        return kernels.softcap_ce(z, y.reshape(-1), self.model.config.logit_softcap).view_as(y)
+
+    def forward_logits(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Softcapped logits (B, T, V) of the adapted model (the distribution that is scored)."""
+        h = self.hidden(x, rows)
+        z = self.logits_pre_softcap(h)
+        return kernels.softcap(z.float(), self.model.config.logit_softcap).view(*x.shape, -1)
+
+
+def lora_token_nll(model: nn.Module, lora: DocLoRA, x: Tensor, y: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Convenience: per-token nll of ``model`` with ``lora`` attached (hooks added and removed around it)."""
+    with LoRAHooks(model, lora) as hooks:
+        return hooks.forward_nll(x, y, rows)
+
+
+def document_spans(tokens: Tensor, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) int64 of the documents of a stream of N + 1 tokens: starts are 0 and every BOS position
+    < N; document d's inputs are ``tokens[start:end]`` and its targets ``[start, end)``."""
+    arr = strip_validation(tokens).detach().cpu().numpy()
+    n = arr.size - 1
+    bos = np.nonzero(arr[:n] == bos_id)[0]
+    starts = np.unique(np.concatenate([[0], bos])).astype(np.int64)
+    ends = np.append(starts[1:], n).astype(np.int64)
+    return starts, ends
+
+
+class DocLoRATTT:
+    """Per-document LoRA TTT (``phased=False``) or phased TTT (``phased=True``); see the module docstring."""
+
+    def __init__(self, model: nn.Module, tokens: Tensor, tables: ByteTables, settings: TTTSettings, ledger: Ledger,
+                 *, rank: int, world_size: int, phased: bool, log: Callable[[str], None] = print):
+        self.model, self.s, self.ledger, self.log = model, settings, ledger, log
+        self.rank, self.world_size, self.phased = rank, world_size, phased
+        self.device = tokens.device
+        self.tokens = tokens
+        self.tables = tables.to(self.device)
+        self.N = tokens.numel() - 1
+        self.bos_id = settings.bos_id
+        self.amp = _autocast_dtype(settings.autocast_dtype)
+        self.doc_starts, self.doc_ends = document_spans(tokens, self.bos_id)
+        self.n_docs = len(self.doc_starts)
+        ledger.declare_known_inputs(self.doc_starts)
+        B = settings.lora_batch_docs
+        self.batches = [list(range(b, min(b + B, self.n_docs))) for b in range(0, self.n_docs, B)]
+        gen = torch.Generator().manual_seed(settings.seed)
+        self.a_init = DocLoRA.initial_a(model, settings.lora_rank, settings.lora_sites, gen, self.device)
+        self.sums = [torch.zeros((), dtype=torch.float64, device=self.device),
+                     torch.zeros((), dtype=torch.int64, device=self.device),
+                     torch.zeros((), dtype=torch.int64, device=self.device)]
+        self.doc_nll = torch.zeros(self.n_docs, dtype=torch.float64, device=self.device)
+        self.timings = {"lora_s": 0.0, "phase_s": 0.0}
+        self.steps = 0
+        self.phase_steps = 0
+        P = min(settings.phase_prefix_docs, self.n_docs)
+        self.boundaries = sorted({P * k // settings.phases for k in range(1, settings.phases + 1)} - {0}) \
+            if phased else []
+        self.phases_done: list[dict[str, Any]] = []
+        self.docs_scored = 0
+
+    def new_lora(self, n: int) -> DocLoRA:
+        s = self.s
+        return DocLoRA(self.model, n, s.lora_rank, s.lora_alpha, s.lora_sites, self.a_init).to(self.device)
+
+    def run_batch(self, docs: list[int]) -> None:
+        """LoRA TTT over one batch of documents: fresh adapters and optimizer, chunk by chunk, score first."""
+        t0 = time.perf_counter()
+        s, dev = self.s, self.device
+        K, W = s.lora_chunk, s.lora_window
+        starts = self.doc_starts[docs]
+        lens = self.doc_ends[docs] - starts
+        n_chunks = -(-lens // K)
+        lora = self.new_lora(len(docs))
+        opt = torch.optim.AdamW(lora.parameters(), lr=s.lora_lr, betas=(s.lora_beta1, s.lora_beta2),
+                                eps=s.lora_eps, weight_decay=s.lora_wd)
+        with _TrainableOnly(self.model, []), LoRAHooks(self.model, lora) as hooks:
+            self.model.eval()
+            for i in range(int(n_chunks.max()) if len(docs) else 0):
+                act = np.nonzero(n_chunks > i)[0]
+                c0 = i * K
+                c1 = np.minimum((i + 1) * K, lens[act])
+                ws = np.maximum(0, c1 - W)
+                T = int((c1 - ws).max())
+                learn = c1 < lens[act]
+                # host-built index grid: row j reads doc tokens [ws_j, c1_j)
+                ar = np.arange(T)
+                pos = starts[act][:, None] + ws[:, None] + ar[None, :]
+                valid = ar[None, :] < (c1 - ws)[:, None]
+                scored = valid & (ar[None, :] >= (c0 - ws)[:, None])
+                pos = np.where(valid, pos, 0)
+                pos_t = torch.from_numpy(pos).to(dev)
+                x = torch.where(torch.from_numpy(valid).to(dev), self.tokens[pos_t], 0)
+                y = torch.where(torch.from_numpy(valid).to(dev), self.tokens[pos_t + 1], 0)
+                scored_t = torch.from_numpy(scored).to(dev)
+                rows = torch.from_numpy(act).to(dev)
+                tgt_lo = starts[act] + c0
+                tgt_hi = starts[act] + c1
+                self.ledger.score_many(np.stack([tgt_lo, tgt_hi], 1), label=f"lora_score:chunk={i}")
+                with torch.set_grad_enabled(bool(learn.any())), _autocast(dev, self.amp):
+                    nll = hooks.forward_nll(x, y, rows)
+                nll_d = torch.where(scored_t, nll.detach().to(torch.float64), 0.0)
+                self.sums[0] += nll_d.sum()
+                self.sums[1] += torch.where(scored_t, count_bytes(x, y, self.tables), 0).sum()
+                self.sums[2] += scored_t.sum()
+                self.doc_nll.index_add_(0, torch.as_tensor([docs[j] for j in act], device=dev), nll_d.sum(1))
+                if learn.any():
+                    lr_rows = np.nonzero(learn)[0]
+                    self.ledger.adapt(np.stack([(starts[act] + ws)[lr_rows], tgt_hi[lr_rows]], 1),
+                                      label=f"lora_adamw:chunk={i}")
+                    m = scored_t[torch.from_numpy(lr_rows).to(dev)]
+                    per_doc = torch.where(m, nll[torch.from_numpy(lr_rows).to(dev)].float(), 0.0).sum(1) / m.sum(1)
+                    per_doc.sum().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    self.steps += 1
+        self.timings["lora_s"] += time.perf_counter() - t0
+
+    def global_sgd(self, n_prefix: int, phase: int) -> None:
+        """Phase boundary: SGD on the base weights over the tokens of the first ``n_prefix`` documents."""
+        t0 = time.perf_counter()
+        s = self.s
+        end = int(self.doc_ends[n_prefix - 1])
+        self.ledger.sync(0, end)
+        self.ledger.assert_scored(0, end, label=f"phase_sgd:phase={phase}")
+        S, L = s.phase_chunk_tokens, s.phase_seq_len
+        C = max(1, -(-end // S))
+        params = [p for p in self.model.parameters()]
+        opt = torch.optim.SGD(params, lr=s.phase_lr, momentum=s.phase_momentum)
+        steps = 0
+        with _TrainableOnly(self.model, params):
+            for c in range(C - 1):  # the last chunk is skipped (the recipe)
+                c0, c1 = c * S, min((c + 1) * S, end)
+                seqs = [c0 + j * L for j in range((c1 - c0) // L)]
+                if not seqs:
+                    continue
+                lo, hi = _rank_slice(len(seqs), self.rank, self.world_size)
+                lr = cosine_lr(s.phase_lr, c, C)
+                for e in range(s.phase_epochs):
+                    self.ledger.adapt([(seqs[0], seqs[-1] + L)], label=f"phase_sgd:phase={phase} chunk={c} epoch={e}",
+                                      collective=True)
+                    _sgd_step(self.model, params, opt, self.tokens, seqs[lo:hi], L, lr=lr, clip=s.grad_clip,
+                              world_size=self.world_size, micro=s.micro_batch_seqs, doc_isolated=True,
+                              bos_id=self.bos_id, autocast_dtype=self.amp)
+                    steps += 1
+        for p in params:
+            p.grad = None
+        dt = time.perf_counter() - t0
+        self.phase_steps += steps
+        self.timings["phase_s"] += dt
+        self.phases_done.append({"phase": phase, "docs": n_prefix, "tokens": end, "chunks": C, "steps": steps,
+                                 "seconds": round(dt, 4)})
+        self.log(f"ttt_phased: phase {phase} global SGD over {n_prefix} docs ({end} tokens), {steps} steps, "
+                 f"{dt:.2f}s")
+
+    def run(self) -> None:
+        Wd = self.world_size
+        pending = list(self.boundaries)
+        phase = 0
+        for r0 in range(0, len(self.batches), Wd):
+            j = r0 + self.rank
+            if j < len(self.batches):
+                self.run_batch(self.batches[j])
+            done_batches = min(r0 + Wd, len(self.batches))
+            self.docs_scored = self.batches[done_batches - 1][-1] + 1
+            while pending and pending[0] <= self.docs_scored:
+                phase += 1
+                self.global_sgd(pending.pop(0), phase)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: str = "chunk",
+            settings: TTTSettings | dict | None = None, ledger: Ledger | None = None, rank: int | None = None,
+            world_size: int | None = None, log: Callable[[str], None] | None = print) -> TTTResult:
+    """Score the validation stream with legal score-first TTT and return the exact bpb and the ledger's evidence.
+
+    ``val_tokens``: 1-D, N + 1 tokens (plain or :func:`pgolf.eval.ledger.mark_validation`-flagged). ``tables``: the
+    tokenizer's :class:`ByteTables`. ``mode``: 'chunk' | 'lora' | 'phased'. ``settings``: :class:`TTTSettings` or a
+    dict of overrides. ``ledger``: a :class:`Ledger` over N targets (made here when None; it becomes the active
+    ledger while this runs). Adapts ``model`` in place. Raises :class:`ComplianceViolation` on any illegal use.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    t_start = time.perf_counter()
+    log = log or (lambda _m: None)
+    if settings is None:
+        settings = TTTSettings()
+    elif isinstance(settings, dict):
+        settings = TTTSettings.from_dict(settings)
+    settings.validate()
+    if settings.bos_id is None:
+        settings = settings.replace(bos_id=int(getattr(getattr(model, "config", None), "bos_id", 1)))
+    rank, world_size = _resolve_rank(rank, world_size)
+    _dist_running(world_size)
+    device = _model_device(model)
+    tokens = torch.as_tensor(strip_validation(torch.as_tensor(val_tokens)))
+    if tokens.dim() != 1 or tokens.numel() < 2:
+        raise ValueError(f"val_tokens must be 1-D with at least 2 tokens, got shape {tuple(tokens.shape)}")
+    tokens = tokens.to(device=device, dtype=torch.int64)
+    N = tokens.numel() - 1
+    if ledger is None:
+        ledger = Ledger(N)
+    elif ledger.n != N:
+        raise ValueError(f"ledger covers {ledger.n} targets but the stream has {N}")
+    set_active_ledger(ledger)
+    was_training = model.training
+    try:
+        if mode == "chunk":
+            runner = ChunkTTT(model, tokens, tables, settings, ledger, rank=rank, world_size=world_size, log=log)
+            probes_before: dict[str, Any] = {}
+            if settings.probes:  # on already-scored positions, before any adaptation
+                runner.run(lambda: probes_before.update(_probes(model, tokens, settings, None, "before",
+                                                                 limit=runner.chunk_targets(0)[1])))
+            else:
+                runner.run()
+            n_chunks, n_docs, doc_nll = runner.n_chunks, None, None
+        else:
+            runner = DocLoRATTT(model, tokens, tables, settings, ledger, rank=rank, world_size=world_size,
+                                phased=mode == "phased", log=log)
+            probes_before = {}
+            runner.run()
+            n_chunks, n_docs, doc_nll = None, runner.n_docs, runner.doc_nll
+        t_probe = time.perf_counter()
+        probes: dict[str, Any] = {}
+        if settings.probes:
+            lora_runner = runner if mode != "chunk" else None
+            probes = _merge_probes(probes_before, _probes(model, tokens, settings, lora_runner, "after"))
+        probe_s = time.perf_counter() - t_probe
+        sums = torch.stack([runner.sums[0], runner.sums[1].to(torch.float64), runner.sums[2].to(torch.float64)])
+        if world_size > 1:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        nll, nbytes, ntok = sums.tolist()
+        nbytes, ntok = int(round(nbytes)), int(round(ntok))
+        summary = ledger.summary(require_complete=True)
+        steps = summary.adapt_steps
+        if ntok != N or summary.tokens_scored != N:
+            raise ComplianceViolation("scoring_mismatch", f"scored {ntok} targets (ledger: {summary.tokens_scored}) "
+                                      f"of {N}", step=ledger.event)
+    finally:
+        set_active_ledger(None)
+        model.train(was_training)
+    seconds = time.perf_counter() - t_start
+    timings = {k: round(v, 4) for k, v in runner.timings.items()}
+    timings["probe_s"] = round(probe_s, 4)
+    timings["ledger_s"] = round(summary.overhead_seconds, 6)
+    res = TTTResult(mode=mode, val_loss=nll / ntok, val_bpb=bits_per_byte(nll, nbytes), tokens=ntok, bytes=nbytes,
+                    nll_sum=nll, seconds=seconds, timings=timings, adapt_steps=steps, ledger=summary, probes=probes,
+                    settings=settings.to_dict(), rank=rank, world_size=world_size, n_chunks=n_chunks, n_docs=n_docs,
+                    doc_nll=doc_nll)
+    if mode == "phased":
+        res.timings["phases"] = runner.phases_done  # type: ignore[assignment]
+    log(f"ttt_{mode} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} tokens:{ntok} adapt_steps:{steps} "
+        f"eval_time:{seconds * 1000:.0f}ms ledger_overhead:{100 * res.ledger_overhead_fraction:.3f}%")
+    return res
+
+
+def _probes(model: nn.Module, tokens: Tensor, s: TTTSettings, lora_runner: DocLoRATTT | None,
+            when: str, limit: int | None = None) -> dict[str, Any]:
+    """Normalization and causality probes on the first ``probe_tokens`` targets (already scored; at most
+    ``limit``). Diagnostics only: nothing is scored or adapted."""
+    from pgolf.eval.compliance import probe_causality, probe_normalization
+
+    T = min(s.probe_tokens, tokens.numel() - 1, limit if limit is not None else tokens.numel())
+    if T < 2:
+        return {}
+    x, y = tokens[None, :T], tokens[None, 1:T + 1]
+    amp = _autocast_dtype(s.autocast_dtype)
+    dev = tokens.device
+    with _eval_mode(model), _autocast(dev, amp):
+        if lora_runner is None:
+            norm = probe_normalization(lambda a: model.forward_logits(a), x, y,
+                                       nll_fn=lambda a, b: model.loss(a, b, reduction="none"))
+            caus = probe_causality(lambda a, b: model.loss(a, b, reduction="none"), x, y,
+                                   vocab_size=norm["vocab"], seed=s.seed)
+        else:
+            lora = lora_runner.new_lora(1)
+            g = torch.Generator().manual_seed(s.seed + 1)
+            for p in lora.B.values():  # a non-zero adapter so the probe exercises the LoRA path
+                p.copy_(0.02 * torch.randn(p.shape, generator=g).to(p))
+            rows = torch.zeros(1, dtype=torch.long, device=dev)
+            with LoRAHooks(model, lora) as h:
+                norm = probe_normalization(lambda a: h.forward_logits(a, rows), x, y,
+                                           nll_fn=lambda a, b: h.forward_nll(a, b, rows))
+                caus = probe_causality(lambda a, b: h.forward_nll(a, b, rows), x, y,
+                                       vocab_size=norm["vocab"], seed=s.seed)
+    return {f"normalization_{when}": norm, f"causality_{when}": caus}
+
+
+def _merge_probes(a: dict, b: dict) -> dict:
+    out = dict(a)
+    out.update(b)
+    norms = [v for k, v in out.items() if k.startswith("normalization_")]
+    caus = [v for k, v in out.items() if k.startswith("causality_")]
+    if norms:
+        out["normalization"] = {
+            "positions": sum(n["positions"] for n in norms),
+            "max_abs_logsumexp": max(n["max_abs_logsumexp"] for n in norms),
+            "max_abs_nll_minus_logp": max(n["max_abs_nll_minus_logp"] for n in norms),
+            "vocab": norms[0]["vocab"]}
+    if caus:
+        out["causality"] = {"positions": sum(c["positions"] for c in caus),
+                            "max_abs_prefix_change": max(c["max_abs_prefix_change"] for c in caus),
+                            "suffix_changed": all(c["suffix_changed"] for c in caus)}
+    return out
