@@ -418,6 +418,8 @@ def test_env_validation_message(clean_env):
 def test_triton_for_op_without_triton_raises_clearly(clean_env):
     # make sure this op has no Triton implementation, whatever other modules registered
     clean_env.setitem(kernels._IMPLS, "softcap_ce", {"reference": reference.softcap_ce})
+    clean_env.setitem(kernels.TRITON_MODULES, "softcap_ce", "pgolf.kernels._no_such_module")
+    clean_env.setattr(kernels, "_IMPORT_ERRORS", {})
     z = torch.randn(3, 5)
     t = torch.tensor([0, 1, 2])
     with kernels.use_backend("triton", op="softcap_ce"):
@@ -431,3 +433,14 @@ def test_triton_for_op_without_triton_raises_clearly(clean_env):
         kernels.softcap_ce(z, t, 30.0)
     with pytest.raises(RuntimeError, match="no 'triton' implementation"):
         kernels.implementation("softcap_ce", "cuda")
+
+
+def test_importing_an_op_module_keeps_the_dispatch_function_bound():
+    """pgolf.kernels.mlp etc. are both op names and module names: the import must not rebind the op."""
+    import importlib
+
+    for op, module in (("mlp", "pgolf.kernels.mlp"), ("newton_schulz", "pgolf.kernels.newton_schulz"),
+                       ("int6_matmul", "pgolf.kernels.int6_matmul"), ("softcap_ce", "pgolf.kernels.softcap_ce")):
+        mod = importlib.import_module(module)
+        assert callable(getattr(kernels, op)) and not isinstance(getattr(kernels, op), type(mod)), op
+        assert getattr(kernels, op).__module__ == "pgolf.kernels", op
