@@ -33,6 +33,17 @@ _RECORD_TRAIN = dict(  # R3-R6 common settings (reference-stack 3.1-3.5)
     eval_seq_len=2048, eval_stride=64, warmup_steps=20,
 )
 
+# Quantization (reference-stack 4.4/4.5): bit width and SDClip k per group, calibration batches, LQER.
+_R3_QUANT = dict(  # R2-R4: int6 k=12.85 matrices, int8 k=20 embedding, 64 calibration batches, no gate, no LQER
+    quant_attn_bits=6, quant_attn_k=12.85, quant_mlp_bits=6, quant_mlp_k=12.85, quant_embed_bits=8,
+    quant_embed_k=20.0, gptq_calibration_batches=64, lqer_rank=0)
+_R6_QUANT = dict(  # R6: attn int6 k=13, MLP int6 k=11.5, embedding int7 k=14, int8 gates, 16 batches, LQER r4 top-3
+    quant_attn_bits=6, quant_attn_k=13.0, quant_mlp_bits=6, quant_mlp_k=11.5, quant_embed_bits=7,
+    quant_embed_k=14.0, quant_gate_int8=True, gptq_calibration_batches=16, lqer_rank=4, lqer_top=3)
+_TINY_QUANT = dict(  # CPU: the R2-R4 widths; a lower passthrough threshold so the 128-dim matrices are quantized
+    quant_attn_bits=6, quant_attn_k=12.85, quant_mlp_bits=6, quant_mlp_k=12.85, quant_embed_bits=8,
+    quant_embed_k=20.0, quant_passthrough_max=4096, gptq_calibration_batches=4, lqer_rank=0)
+
 PRESETS: dict[str, Preset] = {}
 
 
@@ -57,14 +68,14 @@ _add(Preset(
     GPTConfig(vocab_size=8192, qk_gain_init=5.25, rope_train_seq_len=2048, parallel_residual="gptj",
               parallel_start=7, smear_gate="none", attn_gate="none"),
     dict(_RECORD_TRAIN, matrix_lr=0.022, muon_momentum=0.99, ns_coefficients="classic", warmdown_frac=0.72,
-         min_lr=0.0, loader="shuffled", gptq_reserve_seconds=12.0),
+         min_lr=0.0, loader="shuffled", gptq_reserve_seconds=12.0, **_R3_QUANT),
     "R3 2026-04-09: loop L3-5 x3, GPT-J parallel residuals, QK-gain 5.25, sp8192", 35_944_536))
 
 _add(Preset(
     "sota",
     GPTConfig(vocab_size=8192),
     dict(_RECORD_TRAIN, matrix_lr=0.026, muon_momentum=0.97, ns_coefficients="polar_express", warmdown_frac=0.85,
-         min_lr=0.10, betas=(0.9, 0.99), loader="packed", gptq_reserve_seconds=8.0),
+         min_lr=0.10, betas=(0.9, 0.99), loader="packed", gptq_reserve_seconds=8.0, **_R6_QUANT),
     "R6 2026-04-27 architecture on sp8192 (no CaseOps): two-lane parallel, SparseAttnGate, BOS-safe SmearGate",
     35_945_671))
 
@@ -78,7 +89,7 @@ _add(Preset(
          muon_row_normalize=True, ns_coefficients="polar_express", tok_lr=0.06, tok_wd=0.0, scalar_lr=0.04,
          scalar_wd=0.0, betas=(0.9, 0.95), adam_eps=1e-8, grad_clip_norm=1.0, warmdown_frac=0.5, min_lr=0.05,
          ema_decay=0.99, loader="packed", eval_seq_len=256, eval_stride=0, warmup_steps=0, grad_accum_base=1,
-         gptq_reserve_seconds=0.0),
+         gptq_reserve_seconds=0.0, **_TINY_QUANT),
     "CPU model: the sota architecture at 4 layers x 128 dims, vocab 512 (synthetic corpus)", None))
 
 

@@ -63,6 +63,26 @@ class TrainConfig:
     val_max_tokens: int = 0             # cap the validation tokens (0 = the whole split)
     train_log_every: int = 100
     save_checkpoint: bool = True
+    # quantization and the artifact (reference-stack 4.4-4.5; pgolf.quant). Defaults: the 2026-04-27 record (R6)
+    quant_method: str = "gptq"          # gptq | rtn (round-to-nearest, no calibration) | none (no artifact)
+    quant_attn_bits: int = 6            # attention matrices: bit width and SDClip k (scale = k·std(row)/Q)
+    quant_attn_k: float = 13.0
+    quant_mlp_bits: int = 6             # MLP matrices
+    quant_mlp_k: float = 11.5
+    quant_embed_bits: int = 7           # tied embedding
+    quant_embed_k: float = 14.0
+    quant_gate_int8: bool = True        # attention head-gate weights as int8 per row (absmax/127)
+    quant_passthrough_max: int = 65_536  # tensors with at most this many elements stay fp16
+    gptq_calibration_batches: int = 16  # calibration batches per rank (training data; counted as training time)
+    gptq_calibration_tokens: int = 0    # tokens per calibration batch per rank (0 = train_batch_tokens / world_size)
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01
+    lqer_rank: int = 0                  # LQER low-rank correction rank (0 = off; R6: 4)
+    lqer_top: int = 3                   # tensors corrected (largest quantization error)
+    artifact_layout: str = "int8"       # int8 (one byte per value, measured smaller) | packed6 (int6 as 4-in-3)
+    artifact_name: str = "final_model.pgq"
+    code_bytes: int = 0                 # counted code bytes (0 = measure the pgolf-pack bundle of this config)
+    budget_check: str = "error"         # error | warn: what an artifact + code over 16,000,000 bytes does
 
     def grad_accum(self, world_size: int) -> int:
         return max(1, self.grad_accum_base // world_size)
@@ -86,6 +106,12 @@ ENV_NAMES = {
     "GRAD_CLIP_NORM": "grad_clip_norm", "EMA_DECAY": "ema_decay", "WARMUP_STEPS": "warmup_steps",
     "EVAL_SEQ_LEN": "eval_seq_len", "EVAL_STRIDE": "eval_stride", "VAL_LOSS_EVERY": "val_loss_every",
     "TRAIN_LOG_EVERY": "train_log_every",
+    # quantization (pgolf's names)
+    "QUANT_METHOD": "quant_method", "QUANT_ATTN_BITS": "quant_attn_bits", "QUANT_ATTN_K": "quant_attn_k",
+    "QUANT_MLP_BITS": "quant_mlp_bits", "QUANT_MLP_K": "quant_mlp_k", "QUANT_EMBED_BITS": "quant_embed_bits",
+    "QUANT_EMBED_K": "quant_embed_k", "GPTQ_CALIBRATION_BATCHES": "gptq_calibration_batches",
+    "GPTQ_CALIBRATION_TOKENS": "gptq_calibration_tokens", "LQER_RANK": "lqer_rank", "LQER_TOP": "lqer_top",
+    "ARTIFACT_LAYOUT": "artifact_layout", "CODE_BYTES": "code_bytes",
     # model
     "VOCAB_SIZE": "vocab_size", "NUM_LAYERS": "num_layers", "MODEL_DIM": "model_dim", "NUM_HEADS": "num_heads",
     "NUM_KV_HEADS": "num_kv_heads", "LOGIT_SOFTCAP": "logit_softcap", "ROPE_BASE": "rope_base",

@@ -1,4 +1,5 @@
-"""The training loop: record-stack training under a wall-clock cap, then EMA, final eval and a JSON summary.
+"""The training loop: record-stack training under a wall-clock cap, then EMA, GPTQ calibration, final eval, the
+quantized artifact (written, reloaded from the file alone and evaluated), the size table and a JSON summary.
 
 One process per device (``torchrun --nproc_per_node=N`` for several; NCCL on GPU, gloo on CPU). Each step
 reads ``train_batch_tokens / world_size`` tokens per rank in ``grad_accum`` micro-batches, all-reduces the
@@ -6,6 +7,13 @@ gradients (average) in one flat buffer, clips the global norm, steps Muon (matri
 ranks) and AdamW (embeddings, scalars), and updates the EMA. The stop decision, the loop switch and the LR
 schedule all read one elapsed-time fraction agreed by an all-reduce(MAX), so every rank acts identically.
 Validation time is excluded from the training clock. A non-finite loss stops the run with a clear message.
+
+After the loop (:mod:`pgolf.quant`): the Hessians are collected on training batches and their time is added to the
+reported train time (the loop stops at cap − gptq_reserve_seconds; a loud warning if the sum passes the cap); the
+pre-quant model is evaluated (``final ...`` lines); rank 0 quantizes and writes ``<run_dir>/final_model.pgq``
+atomically; every rank rebuilds the model from that file and evaluates it (``final_quant_roundtrip ...``); the
+size table and ``bytes_total`` (model + the pgolf-pack bundle's code bytes) are logged, and a total over
+16,000,000 bytes raises :class:`pgolf.quant.size.OverBudgetError` (after the summary is written) naming the knob.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
                          "fineweb_val_*.bin shards; `python -m pgolf.data.synthetic` builds a small corpus")
     if not cfg.tokenizer_path:
         raise ValueError("no tokenizer: pass --tokenizer-path MODEL (or TOKENIZER_PATH); val_bpb needs its byte tables")
+    check_quant_settings(cfg)  # fail before training, not after it
     tok = Tokenizer(cfg.tokenizer_path)
     tok.check_vocab(model_cfg.vocab_size)
     tables = tok.byte_tables(model_cfg.vocab_size)
@@ -203,8 +212,35 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
         ema.copy_to(model)
     if model_cfg.num_loops:
         model.looping_active = True  # looping stays on for calibration and every eval
-    t0 = time.perf_counter()
     autocast_dtype = torch.bfloat16 if ctx.device.type == "cuda" else None
+
+    # GPTQ calibration reads training data, so its time counts as training time (reference-stack 5.6): the loop
+    # stopped at cap - gptq_reserve_seconds and the calibration must fit in the reserve.
+    quantize = cfg.quant_method != "none"
+    hessians, n_cal, calib_s = None, 0, 0.0
+    if cfg.quant_method == "gptq":
+        from pgolf.quant.calibrate import calibration_batches, timed_calibration
+
+        cal_tokens = cfg.gptq_calibration_tokens or cfg.train_batch_tokens // ctx.world_size
+        batches = calibration_batches(train_files, cfg.train_seq_len, cal_tokens, cfg.gptq_calibration_batches,
+                                      rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
+        hessians, n_cal, calib_s = timed_calibration(model, batches, device=ctx.device,
+                                                     autocast_dtype=autocast_dtype)
+        log(f"gptq_calibration: {len(hessians)} hessians from {cfg.gptq_calibration_batches} batches x "
+            f"{cal_tokens // cfg.train_seq_len * cfg.train_seq_len} training tokens per rank in {calib_s:.2f}s "
+            f"(reserve {cfg.gptq_reserve_seconds:.1f}s); train_time with calibration: "
+            f"{train_ms + 1000 * calib_s:.0f}ms")
+    total_train_ms = train_ms + 1000 * calib_s
+    over_cap = bool(cfg.max_wallclock_seconds and total_train_ms > 1000 * cfg.max_wallclock_seconds)
+    if over_cap:
+        log("!" * 100)
+        log(f"WARNING: training + GPTQ calibration took {total_train_ms / 1000:.2f}s, over the "
+            f"{cfg.max_wallclock_seconds:.0f}s cap by {total_train_ms / 1000 - cfg.max_wallclock_seconds:.2f}s: "
+            f"raise gptq_reserve_seconds (now {cfg.gptq_reserve_seconds:g}) to at least {calib_s + 1:.0f} or use "
+            f"fewer gptq_calibration_batches (now {cfg.gptq_calibration_batches}). This run is NOT compliant.")
+        log("!" * 100)
+
+    t0 = time.perf_counter()
     final = evaluate(model, val_tokens, tables, seq_len=cfg.eval_seq_len, batch_seqs=cfg.eval_batch_seqs,
                      autocast_dtype=autocast_dtype)
     log(f"final val_loss:{final.val_loss:.4f} val_bpb:{final.val_bpb:.4f} eval_time:{final.seconds * 1000:.0f}ms")
@@ -216,20 +252,120 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
             f"eval_time:{sliding.seconds * 1000:.0f}ms")
     eval_seconds = time.perf_counter() - t0
 
+    art = None
+    over_budget: Exception | None = None
+    if quantize:
+        art, over_budget = _write_and_eval_artifact(cfg, model_cfg, model, hessians, n_cal, calib_s, ctx, run_dir,
+                                                    val_tokens, tables, autocast_dtype, log)
+
     summary = dict(run_id=run_id, preset=cfg.preset, params=n_params, world_size=ctx.world_size, steps=step,
-                   train_time_ms=round(train_ms, 1), step_avg_ms=round(train_ms / max(step, 1), 3),
+                   train_time_ms=round(total_train_ms, 1), train_loop_ms=round(train_ms, 1),
+                   calibration_s=round(calib_s, 3), over_cap=over_cap, step_avg_ms=round(train_ms / max(step, 1), 3),
                    tokens=tokens_seen, tokens_per_s=round(tokens_seen / max(train_ms, 1e-9) * 1000, 1),
                    loop_on_step=loop_on_step, peak_mem_mib=peak_mem, eval_time_s=round(eval_seconds, 3),
                    val_loss=final.val_loss, val_bpb=final.val_bpb, val=final.to_dict(),
-                   sliding=sliding.to_dict() if sliding else None, history=history,
+                   sliding=sliding.to_dict() if sliding else None, artifact=art, history=history,
                    device=str(ctx.device), torch=torch.__version__, config=cfg.to_dict(), model=model_cfg.to_dict())
     if ctx.main:
         if cfg.save_checkpoint:
             atomic_torch_save({"model": model.state_dict(), "config": model_cfg.to_dict()}, run_dir / "final_model.pt")
             summary["checkpoint"] = str(run_dir / "final_model.pt")
         atomic_write_json(run_dir / "summary.json", summary)
+    if over_budget is not None and cfg.budget_check == "error":
+        raise over_budget
     summary["model_obj"] = model
     return summary
+
+
+def check_quant_settings(cfg: TrainConfig) -> None:
+    """ValueError naming the bad quantization setting (method, layout, budget check, bits and k per group)."""
+    from pgolf.quant.artifact import LAYOUTS
+    from pgolf.quant.quantize import QuantSettings
+
+    if cfg.quant_method not in ("gptq", "rtn", "none"):
+        raise ValueError(f"quant_method must be 'gptq', 'rtn' or 'none', got {cfg.quant_method!r}")
+    if cfg.artifact_layout not in LAYOUTS:
+        raise ValueError(f"artifact_layout must be one of {', '.join(LAYOUTS)}, got {cfg.artifact_layout!r}")
+    if cfg.budget_check not in ("error", "warn"):
+        raise ValueError(f"budget_check must be 'error' or 'warn', got {cfg.budget_check!r}")
+    if cfg.quant_method == "gptq" and cfg.gptq_calibration_batches < 1:
+        raise ValueError(f"gptq_calibration_batches must be at least 1, got {cfg.gptq_calibration_batches}")
+    QuantSettings.from_train_config(cfg)  # bit widths 2..8, positive k
+
+
+def _write_and_eval_artifact(cfg: TrainConfig, model_cfg: GPTConfig, model: GPT, hessians, n_cal: int,
+                             calib_s: float, ctx: Context, run_dir: Path, val_tokens, tables,
+                             autocast_dtype, log) -> tuple[dict[str, Any], Exception | None]:
+    """Quantize (rank 0), write the artifact atomically, rebuild the model from the file on every rank and
+    evaluate it; log the size table and check the budget. Returns (artifact summary, over-budget error or None)."""
+    from pgolf.quant.artifact import build_model, read_header, save_artifact
+    from pgolf.quant.quantize import QuantSettings, quantize_state
+    from pgolf.quant.size import (BUDGET_BYTES, OverBudgetError, artifact_size_table, check_budget,
+                                  format_size_table, knob_groups)
+
+    path = run_dir / cfg.artifact_name
+    settings = QuantSettings.from_train_config(cfg)
+    if ctx.main:
+        t0 = time.perf_counter()
+        qm = quantize_state(model.state_dict(), hessians, settings, model_config=model_cfg.to_dict(),
+                            layout=cfg.artifact_layout,
+                            meta={"n_cal": n_cal, "eval_seq_len": cfg.eval_seq_len, "eval_stride": cfg.eval_stride},
+                            log=log)
+        nbytes = save_artifact(path, qm)
+        log(f"artifact: {path} {nbytes:,} bytes (layout {cfg.artifact_layout}) written in "
+            f"{time.perf_counter() - t0:.1f}s")
+    if ctx.world_size > 1:
+        dist.barrier()
+    t0 = time.perf_counter()
+    qmodel = build_model(path, device=ctx.device)
+    load_s = time.perf_counter() - t0
+    rt = evaluate(qmodel, val_tokens, tables, seq_len=cfg.eval_seq_len, batch_seqs=cfg.eval_batch_seqs,
+                  autocast_dtype=autocast_dtype)
+    log(f"final_quant_roundtrip val_loss:{rt.val_loss:.4f} val_bpb:{rt.val_bpb:.4f} "
+        f"eval_time:{rt.seconds * 1000:.0f}ms")
+    log(f"final_quant_roundtrip_exact val_loss:{rt.val_loss:.8f} val_bpb:{rt.val_bpb:.8f}")
+    rt_sliding = None
+    if cfg.eval_stride:
+        rt_sliding = evaluate_sliding(qmodel, val_tokens, tables, window=cfg.eval_seq_len, stride=cfg.eval_stride,
+                                      batch_windows=cfg.eval_batch_seqs, autocast_dtype=autocast_dtype)
+        log(f"final_quant_sliding_window val_loss:{rt_sliding.val_loss:.4f} val_bpb:{rt_sliding.val_bpb:.4f} "
+            f"eval_time:{rt_sliding.seconds * 1000:.0f}ms")
+        log(f"final_quant_sliding_window_exact val_loss:{rt_sliding.val_loss:.8f} val_bpb:{rt_sliding.val_bpb:.8f}")
+    del qmodel
+    art: dict[str, Any] = dict(path=str(path), layout=cfg.artifact_layout, settings=settings.to_dict(), n_cal=n_cal,
+                               load_s=round(load_s, 3), val_loss=rt.val_loss, val_bpb=rt.val_bpb, val=rt.to_dict(),
+                               sliding=rt_sliding.to_dict() if rt_sliding else None,
+                               eval_time_s=round(rt.seconds + (rt_sliding.seconds if rt_sliding else 0.0), 3))
+    over: Exception | None = None
+    if ctx.main:
+        blob = path.read_bytes()
+        rows = artifact_size_table(blob)
+        code_bytes = cfg.code_bytes
+        if code_bytes <= 0:
+            try:
+                from pgolf.quant.bundle import measure_code_bytes, sources_digest
+
+                code_bytes = measure_code_bytes(cfg, model_cfg)
+                art["code_digest"] = sources_digest()
+            except Exception as e:  # never lose a finished run over the code-size estimate
+                log(f"WARNING: could not measure the code bytes of the pgolf-pack bundle ({type(e).__name__}: {e}); "
+                    f"counting 0")
+                code_bytes = 0
+        log("size table:\n" + format_size_table(rows, code_bytes))
+        art.update(bytes_model=len(blob), bytes_code=code_bytes, bytes_total=len(blob) + code_bytes,
+                   budget=BUDGET_BYTES, table=[dict(group=r.group, tensors=r.tensors, params=r.params, bytes=r.bytes,
+                                                   bits_per_weight=round(r.bits_per_weight, 4) if r.params else None)
+                                              for r in rows])
+        try:
+            art["headroom"] = check_budget(len(blob), code_bytes, knob_groups(read_header(blob)[0]["tensors"]))
+        except OverBudgetError as e:
+            over = e
+            art["headroom"] = BUDGET_BYTES - len(blob) - code_bytes
+            log("!" * 100)
+            log(f"ERROR: {e}")
+            log("!" * 100)
+        log(f"bytes_total:{art['bytes_total']} bytes_model:{len(blob)} bytes_code:{code_bytes}")
+    return art, over
 
 
 def compile_warmup(cfg: TrainConfig, model: GPT, opt, micro_step, local_tokens: int, grad_accum: int,

@@ -1,0 +1,5 @@
+import sys
+
+from pgolf.eval.cli import main
+
+sys.exit(main())

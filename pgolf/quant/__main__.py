@@ -1,0 +1,5 @@
+import sys
+
+from pgolf.quant.cli import main
+
+sys.exit(main())

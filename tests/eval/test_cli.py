@@ -1,0 +1,80 @@
+"""``python -m pgolf.eval --artifact``: val_bpb of an artifact from the file alone, in the challenge's line format."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pgolf.eval.cli import evaluate_artifact, main
+from tests.quant.helpers import REPO, corpus, pgolf_run
+
+LINE = re.compile(r"^final_quant_roundtrip_exact val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})$", re.M)
+SLIDING = re.compile(r"^final_quant_sliding_window_exact val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})$", re.M)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run():
+    run_dir, _ = pgolf_run()
+    return run_dir, json.loads((run_dir / "summary.json").read_text())
+
+
+def _args(run_dir, *extra):
+    c = corpus()
+    return ["--artifact", str(run_dir / "final_model.pgq"), "--data", c["shard_dir"], "--tokenizer",
+            c["tokenizer_path"], "--val-max-tokens", "1024", *extra]
+
+
+def test_cli_prints_plain_and_sliding_val_bpb_equal_to_the_runs(run, capsys):
+    run_dir, s = run
+    assert main(_args(run_dir, "--sliding", "--stride", "64")) == 0
+    out = capsys.readouterr().out
+    plain, sliding = LINE.search(out), SLIDING.search(out)
+    assert plain and sliding, out
+    assert plain.group(2) == f"{s['artifact']['val_bpb']:.8f}"
+    assert sliding.group(2) == f"{s['artifact']['sliding']['val_bpb']:.8f}"
+    assert re.search(r"^final_quant_roundtrip val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms$", out, re.M)
+
+
+def test_int6_matmul_path_equals_the_dequantized_path(run):
+    pytest.importorskip("pgolf.kernels.int6_matmul")
+    run_dir, _ = run
+    c = corpus()
+    kw = dict(val_max_tokens=1024)
+    dense = evaluate_artifact(str(run_dir / "final_model.pgq"), c["shard_dir"], c["tokenizer_path"], **kw)
+    fast = evaluate_artifact(str(run_dir / "final_model.pgq"), c["shard_dir"], c["tokenizer_path"], int6_matmul=True,
+                             **kw)
+    assert any(type(m).__name__ == "Int6Linear" for m in fast["model"].modules())
+    assert fast["plain"].val_bpb == pytest.approx(dense["plain"].val_bpb, rel=1e-5)
+
+
+def test_cli_errors_are_clear_without_traceback(run, tmp_path):
+    run_dir, _ = run
+    bad = tmp_path / "bad.pgq"
+    blob = bytearray((run_dir / "final_model.pgq").read_bytes())
+    blob[-10] ^= 1
+    bad.write_bytes(bytes(blob))
+    c = corpus()
+    r = subprocess.run([sys.executable, "-m", "pgolf.eval", "--artifact", str(bad), "--data", c["shard_dir"],
+                        "--tokenizer", c["tokenizer_path"]], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and "pgolf.eval: error:" in r.stderr and "checksum mismatch" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_int6_kernel_module_is_a_clear_error(run, monkeypatch, capsys):
+    run_dir, _ = run
+    monkeypatch.setitem(sys.modules, "pgolf.kernels.int6_matmul", None)
+    assert main(_args(run_dir, "--int6-matmul")) == 1
+    assert "needs pgolf.kernels.int6_matmul" in capsys.readouterr().err
