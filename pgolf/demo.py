@@ -3,13 +3,16 @@
 Builds the built-in synthetic corpus (a seeded sparse Markov chain whose entropy rate is known exactly),
 trains the ``tiny`` preset on it under a wall-clock cap, quantizes it (GPTQ + SDClip) into the artifact, re-evaluates
 the artifact from the file alone exactly as the challenge does, and prints how close the model came to the entropy
-floor, its throughput, the artifact's size table and a budget table. ``val_bpb`` is the artifact's score.
+floor, its throughput, the artifact's size table and a budget table. It then runs legal score-first test-time
+training on the artifact and prints the compliance report. ``val_bpb`` is the artifact's score.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 BUDGET_SECONDS = 600.0
 
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pgolf.data.synthetic import build_default_corpus
-    from pgolf.eval.cli import evaluate_artifact, result_lines
+    from pgolf.eval.cli import evaluate_artifact, result_lines, ttt_with_report
     from pgolf.quant.size import BUDGET_BYTES, SizeRow, format_size_table
     from pgolf.train.config import resolve
     from pgolf.train.trainer import train
@@ -47,10 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     art = s["artifact"]
 
     print(f"\n== re-evaluating the artifact {art['path']} from the file alone ==", flush=True)
+    t_eval = time.perf_counter()
     r = evaluate_artifact(art["path"], meta["shard_dir"], meta["tokenizer_path"], seq_len=cfg.eval_seq_len,
                           batch_seqs=cfg.eval_batch_seqs)
     for line in result_lines(r):
         print(line)
+    print("\n== legal score-first test-time training (chunked), then the compliance report ==", flush=True)
+    ttt, report = ttt_with_report(r, "chunk", art["path"], t_eval, summary=Path(args.run_dir) / "summary.json",
+                                  overrides=dict(chunk_tokens=8192, epochs=1, lr=0.002, window=cfg.eval_seq_len,
+                                                 stride=cfg.eval_seq_len // 2, seq_len=cfg.eval_seq_len))
+    eval_s = time.perf_counter() - t_eval
     if r["plain"].val_bpb != art["val_bpb"]:
         print(f"WARNING: the reloaded artifact scores {r['plain'].val_bpb!r}, the run's round trip {art['val_bpb']!r}")
     rows = [SizeRow(t["group"], t["tensors"], t["params"], t["bytes"]) for t in art["table"]]
@@ -59,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     floor = meta["entropy_floor_bpb"]
     budget_rows = [("train time", f"{s['train_time_ms'] / 1000:.1f} s", f"{BUDGET_SECONDS:.0f} s"),
-                   ("eval time", f"{art['eval_time_s']:.1f} s", f"{BUDGET_SECONDS:.0f} s"),
+                   ("eval time", f"{eval_s:.1f} s", f"{BUDGET_SECONDS:.0f} s"),
                    ("model bytes", f"{art['bytes_model']:,}", ""),
                    ("code bytes", f"{art['bytes_code']:,}", ""),
                    ("total bytes", f"{art['bytes_total']:,}", f"{BUDGET_BYTES:,}")]
@@ -67,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':<12} {'used':>12} {'limit':>12}")
     for name, used, limit in budget_rows:
         print(f"{name:<12} {used:>12} {limit:>12}")
-    print(f"(train time includes {s['calibration_s']:.1f} s of GPTQ calibration; eval time is the artifact's; "
-          f"code bytes: the pgolf-pack train_gpt.py of this run)")
+    print(f"(train time includes {s['calibration_s']:.1f} s of GPTQ calibration; eval time: loading the artifact, "
+          f"its plain eval and TTT; code bytes: the pgolf-pack train_gpt.py of this run)")
+    print("\n" + report.render())
     print(f"\nsteps: {s['steps']}  tokens/s: {s['tokens_per_s']:,.0f}  params: {s['params']:,}")
     print(f"unigram_bpb: {meta['unigram_bpb']:.4f}  val_oracle_bpb: {meta['val_oracle_bpb']:.4f}")
     print(f"pre_quant_val_bpb: {s['val_bpb']:.4f}  (quantization cost {art['val_bpb'] - s['val_bpb']:+.4f})")
+    print(f"ttt_val_bpb: {ttt.val_bpb:.4f}  (score-first chunked TTT on the artifact)")
     print(f"val_bpb: {art['val_bpb']:.4f}")
     print(f"entropy_floor_bpb: {floor:.4f}  (gap {art['val_bpb'] - floor:+.4f} bits per byte)")
     return 0

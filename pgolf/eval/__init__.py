@@ -14,14 +14,22 @@ from pgolf.eval.sliding import evaluate_sliding, window_plan
 
 __all__ = ["EvalResult", "evaluate", "evaluate_sliding", "window_plan"]
 
-# legal score-first TTT, its run-time ledger, the compliance report and TTT budget sizing
-from pgolf.eval.budget import MeasuredRates, TTTPlan, estimate_lora_seconds, measure_rates, plan_ttt  # noqa: E402
-from pgolf.eval.compliance import ComplianceReport, probe_causality, probe_normalization  # noqa: E402
-from pgolf.eval.ledger import (ComplianceViolation, Ledger, LedgerSummary, ValidationTokens,  # noqa: E402
-                               assert_not_validation, mark_validation, set_active_ledger)
-from pgolf.eval.ttt import TTTResult, TTTSettings, run_ttt  # noqa: E402
+# Legal score-first TTT, its run-time ledger, the compliance report and TTT budget sizing: imported on first use,
+# so scoring alone (and the code bundled into a submission that does not use TTT) stays small.
+_LAZY = {
+    "pgolf.eval.budget": ("MeasuredRates", "TTTPlan", "estimate_lora_seconds", "measure_rates", "plan_ttt"),
+    "pgolf.eval.compliance": ("ComplianceReport", "probe_causality", "probe_normalization"),
+    "pgolf.eval.ledger": ("ComplianceViolation", "Ledger", "LedgerSummary", "ValidationTokens",
+                          "assert_not_validation", "mark_validation", "set_active_ledger"),
+    "pgolf.eval.ttt": ("TTTResult", "TTTSettings", "run_ttt"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+__all__ += sorted(_WHERE)
 
-__all__ += ["MeasuredRates", "TTTPlan", "estimate_lora_seconds", "measure_rates", "plan_ttt", "ComplianceReport",
-            "probe_causality", "probe_normalization", "ComplianceViolation", "Ledger", "LedgerSummary",
-            "ValidationTokens", "assert_not_validation", "mark_validation", "set_active_ledger", "TTTResult",
-            "TTTSettings", "run_ttt"]
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'pgolf.eval' has no attribute {name!r}")

@@ -89,7 +89,7 @@ _add(Preset(
          muon_row_normalize=True, ns_coefficients="polar_express", tok_lr=0.06, tok_wd=0.0, scalar_lr=0.04,
          scalar_wd=0.0, betas=(0.9, 0.95), adam_eps=1e-8, grad_clip_norm=1.0, warmdown_frac=0.5, min_lr=0.05,
          ema_decay=0.99, loader="packed", eval_seq_len=256, eval_stride=0, warmup_steps=0, grad_accum_base=1,
-         gptq_reserve_seconds=0.0, **_TINY_QUANT),
+         gptq_reserve_seconds=5.0, **_TINY_QUANT),
     "CPU model: the sota architecture at 4 layers x 128 dims, vocab 512 (synthetic corpus)", None))
 
 

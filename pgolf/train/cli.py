@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         print(f"pgolf-train: error: {e}", file=sys.stderr)
         return 1
-    print(f"val_bpb:{summary['val_bpb']:.6f} steps:{summary['steps']} train_time:{summary['train_time_ms']:.0f}ms")
+    art = summary.get("artifact") or {}
+    scored = f" artifact_val_bpb:{art['val_bpb']:.6f} bytes_total:{art.get('bytes_total', 0)}" if art else ""
+    print(f"val_bpb:{summary['val_bpb']:.6f}{scored} steps:{summary['steps']} "
+          f"train_time:{summary['train_time_ms']:.0f}ms")
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from pgolf import kernels
 from pgolf.data.loaders import DocumentPackedLoader, SequentialLoader, ShuffledLoader
 from pgolf.data.shards import find_shards, load_validation_tokens
 from pgolf.data.tokenizer import Tokenizer
@@ -107,6 +108,8 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
                            ns_coefficients=cfg.ns_coefficients, tok_lr=cfg.tok_lr, tok_wd=cfg.tok_wd,
                            scalar_lr=cfg.scalar_lr, scalar_wd=cfg.scalar_wd, betas=tuple(cfg.betas), eps=cfg.adam_eps)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and ctx.device.type == "cuda")
+    if use_compile:
+        kernels.preload(ctx.device.type)  # a lazy import inside the traced dispatch cannot be traced
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else _null()
 
@@ -375,6 +378,8 @@ def compile_warmup(cfg: TrainConfig, model: GPT, opt, micro_step, local_tokens: 
     Only random tokens are used, never validation data. This triggers torch.compile for both loop modes
     before the timed run, which then starts from the true initial state.
     """
+    from pgolf.eval.ledger import assert_not_validation
+
     t0 = time.perf_counter()
     model_state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(opt.state_dict())
@@ -385,6 +390,7 @@ def compile_warmup(cfg: TrainConfig, model: GPT, opt, micro_step, local_tokens: 
         for _ in range(cfg.warmup_steps):
             for _ in range(grad_accum):
                 x = torch.randint(0, model.config.vocab_size, (1, local_tokens + 1), generator=gen)
+                assert_not_validation(x, context="compile_warmup")
                 x, y = x[:, :-1].to(ctx.device), x[:, 1:].to(ctx.device)
                 if cfg.loader == "packed":
                     cu = torch.arange(0, local_tokens + 1, cfg.train_seq_len, dtype=torch.int32)

@@ -78,3 +78,29 @@ def test_missing_int6_kernel_module_is_a_clear_error(run, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pgolf.kernels.int6_matmul", None)
     assert main(_args(run_dir, "--int6-matmul")) == 1
     assert "needs pgolf.kernels.int6_matmul" in capsys.readouterr().err
+
+
+TTT_LINE = re.compile(r"^final_ttt_chunk_exact val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})$", re.M)
+
+
+def test_cli_ttt_prints_a_passing_report_whose_numbers_match_the_run(run, capsys):
+    run_dir, s = run
+    sets = ["--ttt-set", "chunk_tokens=256", "--ttt-set", "epochs=1", "--ttt-set", "window=128",
+            "--ttt-set", "stride=64", "--ttt-set", "seq_len=128"]
+    assert main(_args(run_dir, "--seq-len", "128", "--ttt", "chunk", *sets)) == 0
+    out = capsys.readouterr().out
+    ttt = TTT_LINE.search(out)
+    assert ttt, out
+    assert "overall: PASS" in out
+    scored = re.search(r"tokens scored ([\d,]+) = validation tokens ([\d,]+); times scored min 1 max 1", out)
+    assert scored and scored.group(1) == scored.group(2), out  # every validation target scored exactly once
+    assert 512 <= int(scored.group(1).replace(",", "")) <= 1024  # the capped validation stream
+    assert f"artifact {(run_dir / 'final_model.pgq').stat().st_size:,}" in out
+    assert f"code {s['artifact']['bytes_code']:,}" in out
+    assert f"{s['train_time_ms'] / 1000:.1f} / 600" in out
+
+
+def test_cli_ttt_rejects_a_bad_setting(run, capsys):
+    run_dir, _ = run
+    assert main(_args(run_dir, "--ttt", "chunk", "--ttt-set", "no_such_knob=1")) == 1
+    assert "unknown TTT settings" in capsys.readouterr().err
