@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pgolf.data.synthetic import build_default_corpus
     from pgolf.eval.cli import evaluate_artifact, result_lines, ttt_with_report
-    from pgolf.quant.size import BUDGET_BYTES, SizeRow, format_size_table
+    from pgolf.quant.size import BUDGET_BYTES
     from pgolf.train.config import resolve
     from pgolf.train.trainer import train
 
@@ -62,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     eval_s = time.perf_counter() - t_eval
     if r["plain"].val_bpb != art["val_bpb"]:
         print(f"WARNING: the reloaded artifact scores {r['plain'].val_bpb!r}, the run's round trip {art['val_bpb']!r}")
-    rows = [SizeRow(t["group"], t["tensors"], t["params"], t["bytes"]) for t in art["table"]]
-    print("\n== artifact size table (compressed bytes per stream; rows sum to the file size) ==")
-    print(format_size_table(rows, art["bytes_code"]))
 
     floor = meta["entropy_floor_bpb"]
     budget_rows = [("train time", f"{s['train_time_ms'] / 1000:.1f} s", f"{BUDGET_SECONDS:.0f} s"),
@@ -82,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsteps: {s['steps']}  tokens/s: {s['tokens_per_s']:,.0f}  params: {s['params']:,}")
     print(f"unigram_bpb: {meta['unigram_bpb']:.4f}  val_oracle_bpb: {meta['val_oracle_bpb']:.4f}")
     print(f"pre_quant_val_bpb: {s['val_bpb']:.4f}  (quantization cost {art['val_bpb'] - s['val_bpb']:+.4f})")
-    print(f"ttt_val_bpb: {ttt.val_bpb:.4f}  (score-first chunked TTT on the artifact)")
+    print(f"ttt_val_bpb: {ttt.val_bpb:.4f}  (score-first chunked TTT on the artifact; this source never drifts, so "
+          f"TTT has nothing to adapt to here)")
     print(f"val_bpb: {art['val_bpb']:.4f}")
     print(f"entropy_floor_bpb: {floor:.4f}  (gap {art['val_bpb'] - floor:+.4f} bits per byte)")
     return 0

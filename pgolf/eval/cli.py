@@ -66,6 +66,7 @@ def evaluate_artifact(artifact: str, data: str, tokenizer: str, *, sliding: bool
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
+    t0 = time.perf_counter()  # deserialization: read, verify, decompress, then rebuild the model
     qm = load_artifact(artifact)
     seq_len = seq_len or int(qm.meta.get("eval_seq_len") or 2048)
     stride = stride or int(qm.meta.get("eval_stride") or 64)
@@ -77,7 +78,6 @@ def evaluate_artifact(artifact: str, data: str, tokenizer: str, *, sliding: bool
     if val_max_tokens and val.numel() - 1 > val_max_tokens:
         keep = max(seq_len, val_max_tokens // seq_len * seq_len)
         val = val[: keep + 1]
-    t0 = time.perf_counter()
     model = build_model(qm, device=dev, int6_matmul=int6_matmul)
     load_s = time.perf_counter() - t0
     amp = torch.bfloat16 if dev.type == "cuda" else None

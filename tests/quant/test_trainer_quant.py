@@ -82,7 +82,9 @@ def test_demo_writes_and_reevaluates_its_artifact(tmp_path, capsys):
     assert lines[-2].startswith("val_bpb: ") and lines[-1].startswith("entropy_floor_bpb: ")
     assert "pre_quant_val_bpb: " in out and "re-evaluating the artifact" in out
     assert "final_quant_roundtrip_exact val_loss:" in out and "WARNING: the reloaded artifact" not in out
-    assert "artifact size table" in out and "mlp.fc" in out and "code bytes" in out
+    assert "size table:" in out and "mlp.fc" in out and "code bytes" in out
+    report = out[out.index("compliance report"):]  # the demo ends with the compliance report, then the scores
+    assert "overall: PASS" in report and "4 single pass             [pass]" in report
     art = json.loads((tmp_path / "demo" / "summary.json").read_text())["artifact"]
     assert (tmp_path / "demo" / "final_model.pgq").stat().st_size == art["bytes_model"]
     assert lines[-2] == f"val_bpb: {art['val_bpb']:.4f}"
