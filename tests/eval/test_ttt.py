@@ -31,12 +31,7 @@ CHUNK = dict(window=64, stride=32, batch_windows=16, chunk_tokens=1024, seq_len=
 LORA = dict(lora_rank=4, lora_alpha=8.0, lora_chunk=32, lora_window=64, lora_lr=1e-2, lora_batch_docs=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def word_stream(src: MarkovSource, n: int, seed: int) -> list[int]:

@@ -23,12 +23,7 @@ R3_ENV_VARS = ("NUM_LOOPS", "LOOP_START", "LOOP_END", "PARALLEL_RESIDUAL_START",
                "ROPE_BASE", "ROPE_TRAIN_SEQ_LEN", "LOGIT_SOFTCAP", "LN_SCALE", "LEAKY_RELU_SLOPE")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def r3_state_dict(seed=0, prefix="_orig_mod.", dtype=torch.bfloat16, n_skip=8):

@@ -26,12 +26,7 @@ ROPE_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 RoPE angles inside the model
 DIFFERS = 1e-3  # an ablated reference must be at least this far from the model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -19,12 +19,7 @@ BOS = 1
 TOL = dict(rtol=1e-5, atol=1e-5)  # RoPE positions differ (buffer offset vs 0) and the angles are fp32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed):

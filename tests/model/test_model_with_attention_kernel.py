@@ -23,12 +23,7 @@ CFG = GPTConfig(vocab_size=V, num_layers=3, model_dim=64, num_heads=4, num_kv_he
                 parallel_start=2, smear_gate="bos", attn_gate="sparse", bos_id=BOS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed):

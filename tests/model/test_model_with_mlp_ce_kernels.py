@@ -21,12 +21,7 @@ CE = importlib.import_module("pgolf.kernels.softcap_ce")
 MLP = importlib.import_module("pgolf.kernels.mlp")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**kw) -> GPTConfig:

@@ -17,12 +17,7 @@ from pgolf.train.muon import Muon, orthogonality_error
 SHAPES = [(37, 24), (37, 24), (24, 40), (24, 40), (24, 40), (16, 16)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_muon(backend: str, coeffs: str, steps: int = 2, **opts):
