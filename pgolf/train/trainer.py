@@ -146,9 +146,10 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
     loop_on_step = None
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
+    agreed_frac = 0.0  # the elapsed-time fraction all ranks agreed on after the previous step
     clock.start()
     while step < cfg.iterations:
-        frac = clock.frac if cfg.max_wallclock_seconds else step / max(1, cfg.iterations)
+        frac = agreed_frac if cfg.max_wallclock_seconds else step / max(1, cfg.iterations)
         if model_cfg.num_loops and not model.looping_active and frac >= model_cfg.loop_activate_frac:
             model.looping_active = True
             loop_on_step = step
@@ -182,6 +183,7 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
                              (~torch.isfinite(train_loss)).float()])
         if ctx.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        agreed_frac = float(flags[0])  # loop switch and LR schedule read this, so every rank acts alike
         if flags[2] > 0:
             raise TrainingDiverged(f"training loss became non-finite at step {step} (lr multiplier {mult:.4f}); "
                                    f"last good values: {last_good or 'none (first step)'}. Lower the learning rates "

@@ -198,3 +198,30 @@ def test_cli_reports_bad_setting_without_traceback():
 def test_math_sanity_of_summary(corpus, tmp_path):
     s = run(corpus, tmp_path / "m")
     assert s["val_loss"] / math.log(2) * s["val"]["tokens"] / s["val"]["bytes"] == pytest.approx(s["val_bpb"])
+
+
+def _rank_skewed_clock(rank, world, port, corpus, run_dir, out_dir):
+    """Rank 1's clock runs ahead; the loop switch must still happen at the same step on both ranks."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from pgolf.train import schedule
+
+    if rank == 1:
+        real = schedule.WallClock.frac
+        schedule.WallClock.frac = property(lambda self: real.fget(self) + 0.3)
+    try:
+        cfg, model_cfg = settings(corpus, run_dir, grad_accum_base=2, seed=11, iterations=6,
+                                  max_wallclock_seconds=3600.0, gptq_reserve_seconds=0.0, loop_activate_frac=0.2)
+        s = train(cfg, model_cfg, log=lambda m: None)
+        torch.save({"loop_on_step": s["loop_on_step"]}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ranks_with_skewed_clocks_switch_the_loop_at_the_same_step(corpus, tmp_path):
+    mp.start_processes(_rank_skewed_clock, args=(2, _free_port(), corpus, str(tmp_path / "run"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    steps = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["loop_on_step"] for r in (0, 1)]
+    assert steps[0] is not None and steps[0] == steps[1]
