@@ -157,7 +157,8 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
         if cfg.warmdown_frac > 0:
             mult = lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
         elif cfg.warmdown_iters > 0:
-            mult = lr_multiplier_iters(step, clock.elapsed_ms, cfg.max_wallclock_seconds * 1000 or None,
+            elapsed = agreed_frac * clock.budget_ms if clock.budget_ms else clock.elapsed_ms  # same on every rank
+            mult = lr_multiplier_iters(step, elapsed, cfg.max_wallclock_seconds * 1000 or None,
                                        cfg.warmdown_iters, cfg.iterations)
         else:
             mult = 1.0
