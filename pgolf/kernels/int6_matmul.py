@@ -22,9 +22,9 @@ One Triton kernel, ``_int6_mm_kernel``, serves both paths:
 
 All addresses use int64 (indices cast before multiplying by strides); x and q may be strided views. Under
 ``TRITON_INTERPRET=1`` fixed configs are used and bf16 tiles are upcast to fp32 before ``tl.dot`` (the
-interpreter's bf16 dot is wrong). On a GPU configs come from ``pgolf/kernels/tuned/<gpu>.json`` (key
-``int6_matmul``) when present, else a short ``triton.autotune`` list keyed on (bucketed M, N, K) and the
-argument dtypes; :func:`save_tuned` writes the picks into that file.
+interpreter's bf16 dot is wrong). On a GPU configs come from the per-GPU tuned-config file
+(:mod:`pgolf.kernels.tuning`, section ``int6_matmul``) when it has the key, else a short ``triton.autotune``
+list keyed on (bucketed M, N, K) and the argument dtypes; :func:`save_tuned` writes the picks into that file.
 
 **Inference only**: there is no autograd; an ``x`` that requires grad (with grad mode on) raises. The op is the
 custom op ``pgolf::int6_matmul`` with a fake, so ``torch.compile(fullgraph=True)`` traces it.
@@ -34,9 +34,7 @@ custom op ``pgolf::int6_matmul`` with a fake, so ``torch.compile(fullgraph=True)
 from __future__ import annotations
 
 import functools
-import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -45,13 +43,13 @@ import triton.language as tl
 from torch import Tensor
 
 import pgolf.kernels
+from pgolf.kernels import tuning
 from pgolf.kernels.int6_pack import dequantize
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 POISON = os.environ.get("PGOLF_KERNELS_POISON", "0") not in ("", "0")
 """Fill every buffer the launcher allocates with NaN (tests set this to catch unwritten tiles)."""
 
-TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 SMALL_M = 64
 """M at or below which the split-K GEMV-style path is used."""
 
@@ -185,39 +183,16 @@ else:  # autotune cannot run under the interpreter (it benchmarks)
 _CHOSEN: dict[str, dict] = {}
 
 
-def gpu_name() -> str:
-    """File stem of the current GPU's tuned-config JSON, e.g. 'nvidia_h200'."""
-    return _gpu_name(torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_name(index: int) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(index).lower()).strip("_")
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned_table(device_name: str) -> dict:
-    path = TUNED_DIR / f"{device_name}.json"
-    if not path.is_file():
-        return {}
-    return dict(json.loads(path.read_text()).get("int6_matmul", {}))
-
-
 def tuned_configs() -> dict:
-    """{'int6_matmul': {key: config}} of the autotuner picks made in this process (for tuned/<gpu>.json)."""
+    """{'int6_matmul': {key: config}} of the autotuner picks made in this process (for the per-GPU file)."""
     return {"int6_matmul": dict(_CHOSEN)}
 
 
-def save_tuned(path: str | Path | None = None) -> Path:
-    """Merge this process's autotuner picks into ``pgolf/kernels/tuned/<gpu>.json`` (or ``path``), key 'int6_matmul'.
-    Run the benchmarks on the GPU first; later processes then launch those configs without autotuning."""
-    path = Path(path) if path is not None else TUNED_DIR / f"{gpu_name()}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault("int6_matmul", {}).update(_CHOSEN)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    _tuned_table.cache_clear()
-    return path
+def save_tuned(gpu: str | None = None) -> Path:
+    """Merge this process's autotuner picks into section 'int6_matmul' of the per-GPU file
+    (:mod:`pgolf.kernels.tuning`; ``gpu``: a slug, default the current device). Run the benchmarks on the GPU
+    first; later processes then launch those configs without autotuning."""
+    return tuning.save("int6_matmul", _CHOSEN, gpu)
 
 
 @functools.lru_cache(maxsize=None)
@@ -291,10 +266,10 @@ def launch(x: Tensor, q: Tensor, scale: Tensor, *, in_features: int, packed: boo
     if K == 0:
         return y.zero_().view(*lead, N)
     small = M <= SMALL_M if config is None else "SPLIT_K" in config
-    bm_small = max(16, triton.next_power_of_2(M))
+    bm_small = tuning.pow2_bucket(M, lo=16)
     consts = dict(PACKED=bool(packed), UPCAST=INTERPRET and x.dtype == torch.bfloat16,
                   IEEE=x.dtype == torch.float32)
-    m_bucket = bm_small if small else min(triton.next_power_of_2(M), 1 << 16)
+    m_bucket = bm_small if small else tuning.pow2_bucket(M, hi=1 << 16)
     key = f"{'small' if small else 'large'}|m={m_bucket},n={N},k={K},{'packed' if packed else 'int8'}," \
           f"{str(x.dtype).removeprefix('torch.')}"
 
@@ -303,7 +278,7 @@ def launch(x: Tensor, q: Tensor, scale: Tensor, *, in_features: int, packed: boo
         if INTERPRET:
             cfg = dict(INTERPRET_SMALL) if small else dict(INTERPRET_LARGE)
         else:
-            cfg = _tuned_table(gpu_name()).get(key)
+            cfg = tuning.load("int6_matmul").get(key)
             cfg = dict(cfg) if cfg is not None else None
     # split-K: from the fixed / JSON / override config, else the heuristic; the large-M path never splits
     has_split = cfg is not None and "SPLIT_K" in cfg
@@ -331,7 +306,7 @@ def launch(x: Tensor, q: Tensor, scale: Tensor, *, in_features: int, packed: boo
         best = getattr(tuned, "best_config", None)
         if best is not None:
             extra = dict(SPLIT_K=split, BM=consts["BM"]) if small else {}
-            _CHOSEN[key] = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages, **extra)
+            _CHOSEN[key] = dict(tuning.config_dict(best), **extra)
     if split > 1:
         rb = REDUCE_BLOCK
         _int6_splitk_reduce_kernel[(triton.cdiv(M, rb["BLOCK_M"]), triton.cdiv(N, rb["BLOCK_N"]))](

@@ -21,21 +21,19 @@ torch.compile: both launches are ``torch.library.custom_op`` (``pgolf::mlp_up_fw
 with fake implementations; the autograd.Function around them traces under ``fullgraph=True``.
 
 Launch configs (GEMM tiles) come from :class:`ConfigPicker`: one fixed config under the interpreter; on a GPU
-the in-memory choice, else the per-GPU JSON in ``pgolf/kernels/tuned/``, else a short benchmark over a small
-candidate list (unless ``PGOLF_AUTOTUNE=0``, then a fixed default). Keys bucket M to a power of two.
-:func:`pretune` fills the JSON for the record shapes (``PGOLF_TUNED_WRITE=1`` also saves every new tuning).
+the in-memory choice, else the section ``mlp_gemm`` of the per-GPU file (:mod:`pgolf.kernels.tuning`), else a
+short benchmark over a small candidate list (unless ``PGOLF_AUTOTUNE=0``, then a fixed default). Keys bucket M
+to a power of two. :func:`pretune` fills the file for the record shapes (``PGOLF_TUNED_WRITE=1`` also saves
+every new tuning).
 
-Environment: ``PGOLF_AUTOTUNE`` (default 1), ``PGOLF_TUNED_WRITE`` (default 0), ``PGOLF_TUNED_DIR`` (default
-``pgolf/kernels/tuned``), ``PGOLF_KERNEL_POISON`` (NaN-fill outputs before launch; tests).
+Environment: ``PGOLF_AUTOTUNE`` (default 1), ``PGOLF_TUNED_WRITE`` (default 0), ``PGOLF_TUNED_DIR`` (see
+:mod:`pgolf.kernels.tuning`), ``PGOLF_KERNEL_POISON`` (NaN-fill outputs before launch; tests).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pgolf import kernels
-from pgolf.kernels import reference
+from pgolf.kernels import reference, tuning
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,41 +51,23 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------------------
 # Launch-config selection, shared with pgolf.kernels.softcap_ce.
 
-TUNED_DIR = Path(os.environ.get("PGOLF_TUNED_DIR", Path(__file__).with_name("tuned")))
-
 
 def _env_flag(name: str, default: bool) -> bool:
     v = os.environ.get(name)
     return default if v is None else v.strip().lower() not in ("0", "false", "no", "off", "")
 
 
-def gpu_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
-
-
-def gpu_tag(device: torch.device) -> str:
-    """File-name-safe GPU name, e.g. 'nvidia_h100_80gb_hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "_", gpu_name(device).lower()).strip("_")
-
-
-def pow2_bucket(n: int, lo: int = 16, hi: int = 1 << 17) -> int:
-    """Round ``n`` up to a power of two in [lo, hi] (autotune keys must not change with every M)."""
-    return max(lo, min(hi, 1 << max(0, int(n) - 1).bit_length()))
-
-
 class ConfigPicker:
     """Chooses launch parameters for one kernel and remembers them per GPU.
 
-    Order on CUDA: in-memory cache → ``<TUNED_DIR>/<gpu>.json`` → benchmark ``candidates`` with
-    ``triton.testing.do_bench`` (when ``PGOLF_AUTOTUNE`` is not 0) → ``default(key)``. A tuned result is written
-    back to the JSON file when ``PGOLF_TUNED_WRITE=1`` (or by :func:`save_tuned`), so later runs never tune
-    inside a timed region. Under the interpreter (or on CPU) ``interpret`` is always used: autotuning needs a
-    driver. Candidates that fail to compile (e.g. too much shared memory) are skipped.
-    JSON layout: ``{"gpu": name, "triton": version, "kernels": {kernel: {key: config}}}``.
+    Order on CUDA: in-memory cache → the kernel's section of the per-GPU file (:mod:`pgolf.kernels.tuning`) →
+    benchmark ``candidates`` with ``triton.testing.do_bench`` (when ``PGOLF_AUTOTUNE`` is not 0) →
+    ``default(key)``. A tuned result is written back to the file when ``PGOLF_TUNED_WRITE=1`` (or by
+    :func:`save_tuned`), so later runs never tune inside a timed region. Under the interpreter (or on CPU)
+    ``interpret`` is always used: autotuning needs a driver. Candidates that fail to compile (e.g. too much
+    shared memory) are skipped. File section ``kernel``, keys ``"|".join(key)``.
     """
 
-    _files: dict[str, dict] = {}
-    _lock = threading.Lock()
     pickers: dict[str, "ConfigPicker"] = {}
 
     def __init__(self, kernel: str, candidates: list[dict], default: Callable[[tuple], dict], interpret: dict):
@@ -102,20 +82,6 @@ class ConfigPicker:
     def key_str(key: tuple) -> str:
         return "|".join(str(k) for k in key)
 
-    @classmethod
-    def _file(cls, tag: str) -> dict:
-        with cls._lock:
-            if tag not in cls._files:
-                path = TUNED_DIR / f"{tag}.json"
-                data: dict = {}
-                if path.is_file():
-                    try:
-                        data = json.loads(path.read_text())
-                    except (OSError, ValueError):
-                        data = {}
-                cls._files[tag] = data
-            return cls._files[tag]
-
     def pick(self, key: tuple, device: torch.device, launch: Callable[[dict], Any]) -> dict:
         """Config for ``key`` on ``device``; ``launch(cfg)`` runs the kernel once (only used to benchmark)."""
         if INTERPRET or device.type != "cuda":
@@ -124,8 +90,7 @@ class ConfigPicker:
         cfg = self.memory.get(ks)
         if cfg is not None:
             return cfg
-        tag = gpu_tag(device)
-        cfg = self._file(tag).get("kernels", {}).get(self.kernel, {}).get(ks)
+        cfg = tuning.load(self.kernel, device).get(ks)
         if cfg is None:
             if _env_flag("PGOLF_AUTOTUNE", True):
                 cfg = self._tune(launch) or self.default(key)
@@ -153,18 +118,12 @@ class ConfigPicker:
 
 
 def save_tuned(device: torch.device | None = None) -> Path:
-    """Merge every picker's in-memory choices into ``<TUNED_DIR>/<gpu>.json``; returns the path."""
+    """Merge every picker's in-memory choices into its section of the per-GPU file; returns the path."""
     device = device or torch.device("cuda", torch.cuda.current_device())
-    tag = gpu_tag(device)
-    data = ConfigPicker._file(tag)
-    data["gpu"] = gpu_name(device)
-    data["triton"] = triton.__version__
-    ks = data.setdefault("kernels", {})
+    path = tuning.path(device)
     for name, picker in ConfigPicker.pickers.items():
-        ks.setdefault(name, {}).update(picker.memory)
-    TUNED_DIR.mkdir(parents=True, exist_ok=True)
-    path = TUNED_DIR / f"{tag}.json"
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        if picker.memory:
+            path = tuning.save(name, picker.memory, device)
     return path
 
 
@@ -309,7 +268,8 @@ def _launch_gemm(a: Tensor, b_ptr_t: Tensor, b_strides: tuple[int, int], out: Te
         return
     upcast = INTERPRET and a.dtype == torch.bfloat16
     prec = dot_precision(a.dtype)
-    key = ("fwd" if forward else "bwd", pow2_bucket(M), N, K, str(a.dtype).removeprefix("torch."))
+    m_bucket = tuning.pow2_bucket(M, lo=16, hi=1 << 17)  # autotune keys must not change with every M
+    key = ("fwd" if forward else "bwd", m_bucket, N, K, str(a.dtype).removeprefix("torch."))
 
     def launch(cfg: dict) -> None:
         grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
@@ -418,7 +378,7 @@ RECORD_SHAPES = ((98304, 512, 2048), (16384, 512, 2048), (2048, 512, 2048))  # (
 
 
 def pretune(shapes=RECORD_SHAPES, dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None) -> Path:
-    """Tune the MLP kernels for ``shapes`` on this GPU (forward and backward) and write the per-GPU JSON.
+    """Tune the MLP kernels for ``shapes`` on this GPU (forward and backward) and write the per-GPU file.
 
     Run once per GPU type outside any timed region, e.g.
     ``python -c "import importlib; importlib.import_module('pgolf.kernels.mlp').pretune()"``. Returns the file.

@@ -24,9 +24,10 @@ element offsets exceed 2³¹ (strided views of a sparse memory-mapped file).
 
 Dot operands are the working dtype (bf16 on CUDA) with fp32 accumulation; fp32 uses ``input_precision="ieee"``
 to match the fp32 reference. Under ``TRITON_INTERPRET=1`` bf16 tiles are upcast to fp32 before ``tl.dot``
-(the interpreter's bf16 dot is wrong) and one fixed config is used. On a GPU the configs come from
-``pgolf/kernels/tuned/<gpu>.json`` (key ``newton_schulz``) when present, else a short ``triton.autotune`` list
-keyed on (p, q, bucketed B); :func:`tuned_configs` returns the picks and :func:`save_tuned` writes that file.
+(the interpreter's bf16 dot is wrong) and one fixed config is used. On a GPU the configs come from the
+per-GPU tuned-config file (:mod:`pgolf.kernels.tuning`, section ``newton_schulz``) when it has the key, else a
+short ``triton.autotune`` list keyed on (p, q, bucketed B); :func:`tuned_configs` returns the picks and
+:func:`save_tuned` writes them into that file.
 
 No autograd: Newton-Schulz is an optimizer step (Muon runs it under ``no_grad``); a ``G`` that requires grad
 with grad mode on raises. Registered as the custom op ``pgolf::newton_schulz`` (with a fake), so
@@ -35,10 +36,7 @@ with grad mode on raises. Registered as the custom op ``pgolf::newton_schulz`` (
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -48,12 +46,11 @@ import triton.language as tl
 from torch import Tensor
 
 import pgolf.kernels
+from pgolf.kernels import tuning
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 POISON = os.environ.get("PGOLF_KERNELS_POISON", "0") not in ("", "0")
 """Fill every buffer the launcher allocates with NaN (tests set this to catch unwritten tiles)."""
-
-TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 
 # Fixed configs: interpreter (small tiles keep the numpy emulation fast) and a GPU default used as a fallback.
 INTERPRET_CONFIG = {
@@ -263,47 +260,16 @@ else:  # autotune cannot run under the interpreter (it benchmarks)
 _CHOSEN: dict[str, dict] = {}
 
 
-def gpu_name() -> str:
-    """File stem of the current GPU's tuned-config JSON, e.g. 'nvidia_h200'."""
-    return _gpu_name(torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_name(index: int) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(index).lower()).strip("_")
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned_table(op: str, device_name: str) -> dict:
-    path = TUNED_DIR / f"{device_name}.json"
-    if not path.is_file():
-        return {}
-    return dict(json.loads(path.read_text()).get(op, {}))
-
-
-def _config_dict(cfg: triton.Config) -> dict:
-    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def tuned_configs() -> dict:
-    """{'newton_schulz': {key: config}} of the autotuner picks made in this process (for tuned/<gpu>.json)."""
+    """{'newton_schulz': {key: config}} of the autotuner picks made in this process (for the per-GPU file)."""
     return {"newton_schulz": dict(_CHOSEN)}
 
 
-def save_tuned(path: str | Path | None = None) -> Path:
-    """Merge this process's autotuner picks into ``pgolf/kernels/tuned/<gpu>.json`` (or ``path``), under the key
-    'newton_schulz'. Run the benchmarks on the GPU first; later processes then launch those configs untuned."""
-    path = Path(path) if path is not None else TUNED_DIR / f"{gpu_name()}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault("newton_schulz", {}).update(_CHOSEN)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    _tuned_table.cache_clear()
-    return path
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+def save_tuned(gpu: str | None = None) -> Path:
+    """Merge this process's autotuner picks into section 'newton_schulz' of the per-GPU file
+    (:mod:`pgolf.kernels.tuning`; ``gpu``: a slug, default the current device). Run the benchmarks on the GPU
+    first; later processes then launch those configs untuned."""
+    return tuning.save("newton_schulz", _CHOSEN, gpu)
 
 
 def _launch(raw, tuned, name: str, key: str, grid, args: tuple, consts: dict, fixed: dict,
@@ -311,14 +277,14 @@ def _launch(raw, tuned, name: str, key: str, grid, args: tuple, consts: dict, fi
     """Launch ``raw`` with an overridden / interpreter / tuned-JSON config, else the autotuned wrapper."""
     cfg = override if override is not None else (fixed if INTERPRET else None)
     if cfg is None:
-        cfg = _tuned_table("newton_schulz", gpu_name()).get(f"{name}|{key}")
+        cfg = tuning.load("newton_schulz").get(f"{name}|{key}")
     if cfg is not None:
         raw[grid(cfg)](*args, **cfg, **consts)
         return
     tuned[grid](*args, **consts)
     best = getattr(tuned, "best_config", None)
     if best is not None:
-        _CHOSEN[f"{name}|{key}"] = _config_dict(best)
+        _CHOSEN[f"{name}|{key}"] = tuning.config_dict(best)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -367,7 +333,7 @@ def launch(G: Tensor, coefficients: Sequence[Sequence[float]], steps: int = 5, e
 
     upcast = INTERPRET and dtype == torch.bfloat16
     ieee = dtype == torch.float32
-    bb = _bucket(B)
+    bb = tuning.pow2_bucket(B)
     steps = int(steps)
     bufs = [out, _alloc((B, m, n), dtype, dev) if steps > 0 else out]
     cur = steps % 2  # the last step lands in bufs[0] = out

@@ -25,7 +25,8 @@ fp32 losses out.
 With ``PGOLF_CE_FUSED_HEAD=0`` it is ``F.linear`` followed by the softcap_ce kernel (z kept for backward).
 
 Launch configs (BLOCK_R, BLOCK_V, warps) come from :class:`pgolf.kernels.mlp.ConfigPicker` (fixed under the
-interpreter; per-GPU JSON / tuning on CUDA); :func:`pretune` fills the JSON for the record shapes.
+interpreter; on CUDA sections ``softcap_ce_fwd`` / ``softcap_ce_bwd`` of the per-GPU tuned-config file of
+:mod:`pgolf.kernels.tuning`, else tuning); :func:`pretune` fills the file for the record shapes.
 
 Both are ``torch.library.custom_op``s (``pgolf::softcap_ce_fwd/_bwd``, ``pgolf::lm_head_loss_fwd/_bwd``) with
 fake implementations, wrapped in autograd.Functions, so they trace under ``torch.compile(fullgraph=True)``.
@@ -400,7 +401,7 @@ RECORD_SHAPES = ((98304, 8192, 512), (16384, 8192, 512), (2048, 8192, 512))  # (
 
 
 def pretune(shapes=RECORD_SHAPES, dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None):
-    """Tune the CE kernels (plain and fused-head use) for ``shapes`` on this GPU and write the per-GPU JSON.
+    """Tune the CE kernels (plain and fused-head use) for ``shapes`` on this GPU and write the per-GPU file.
 
     Run once per GPU type outside any timed region (see :func:`pgolf.kernels.mlp.pretune`). Returns the file.
     """

@@ -32,9 +32,10 @@ Design
      without races; adds dv_xsa at the end.
   3. ``_attn_bwd_dq`` per (query tile, KV head), like the forward.
 * **Launch configs.** Under ``TRITON_INTERPRET=1`` one fixed config per kernel (:data:`INTERPRET_CONFIGS`).
-  On a GPU: a config from ``pgolf/kernels/tuned/xsa_attention-<GPU name>.json`` when that file has the key
+  On a GPU: a config from section ``xsa_attention`` of the per-GPU tuned-config file
+  (:mod:`pgolf.kernels.tuning`; keys ``<kernel>|<shape key>``, or ``<kernel>|default``) when it has the key
   (so a timed run never tunes), else ``triton.autotune`` over a short list keyed by (power-of-two bucket of T,
-  D, G, dtype). :func:`save_tuned` writes the configs chosen so far to that file.
+  D, G, dtype). :func:`save_tuned` writes the configs chosen so far to that file, :func:`tune` fills it.
 * **Integration.** ``torch.library.custom_op`` ops ``pgolf::xsa_attention_fwd`` / ``pgolf::xsa_attention_bwd``
   with fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces the call as one node.
 
@@ -42,7 +43,6 @@ Interpreter notes: bf16 ``tl.dot`` is wrong under the interpreter, so CPU tests 
 use ``input_precision="ieee"`` everywhere so fp32 results are true fp32).
 """
 
-import json
 import math
 import os
 from pathlib import Path
@@ -53,10 +53,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from pgolf.kernels import tuning
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 # Fill every output and intermediate buffer with NaN before the launches (tests), so an unwritten tile shows.
 POISON = os.environ.get("PGOLF_KERNELS_POISON", "0") == "1"
 
@@ -379,30 +380,17 @@ GPU_CANDIDATES: dict[str, list[tuple[int, int, int, int]]] = {
 GPU_DEFAULTS: dict[str, dict] = {"pre": dict(BLOCK_T=64, num_warps=4, num_stages=1)}
 _KERNELS: dict[str, Callable] = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_pre}
 _AUTOTUNED: dict[str, object] = {}
-_CHOSEN: dict[str, dict[str, dict]] = {}  # kind → key → config picked by autotune in this process
-_TUNED_FILE_CACHE: dict[str, dict] = {}
+_CHOSEN: dict[str, dict] = {}  # "<kernel>|<key>" → config picked by autotune in this process
+_RETUNING = False  # set by tune(): ignore the tuned-config file
 
 
-def _gpu_name(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device)
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
-def tuned_path(device: torch.device | None = None) -> Path:
-    """The tuned-config file for the current (or given) CUDA device."""
-    return TUNED_DIR / f"xsa_attention-{_gpu_name(device or torch.device('cuda'))}.json"
-
-
-def _tuned_table(device: torch.device) -> dict:
-    path = tuned_path(device)
-    key = str(path)
-    if key not in _TUNED_FILE_CACHE:
-        _TUNED_FILE_CACHE[key] = json.loads(path.read_text()) if path.is_file() else {}
-    return _TUNED_FILE_CACHE[key]
+def _tuned(kind: str, key: str, device: torch.device) -> dict | None:
+    """The tuned-config file's entry for kernel ``kind`` and ``key`` on ``device`` (None while :func:`tune` runs)."""
+    return None if _RETUNING else tuning.load("xsa_attention", device).get(f"{kind}|{key}")
 
 
 def _config_key(T: int, D: int, G: int, dtype: torch.dtype, xsa: bool, docs: bool) -> str:
-    return f"T{_bucket(T)}_D{D}_G{G}_{str(dtype).removeprefix('torch.')}_xsa{int(xsa)}_docs{int(docs)}"
+    return f"T{tuning.pow2_bucket(T)}_D{D}_G{G}_{str(dtype).removeprefix('torch.')}_xsa{int(xsa)}_docs{int(docs)}"
 
 
 def _autotuned(kind: str):
@@ -423,31 +411,22 @@ def _launch(kind: str, grid: Callable[[dict], tuple], args: tuple, meta: dict, k
         return
     if kind == "pre":
         cfg = dict(GPU_DEFAULTS["pre"])
-        cfg.update(_tuned_table(device).get("pre", {}).get(key, {}))
+        cfg.update(_tuned("pre", key, device) or {})
         kernel[grid(cfg)](*args, **meta, **cfg)
         return
-    cfg = _tuned_table(device).get(kind, {}).get(key)
-    if cfg is None:
-        cfg = _tuned_table(device).get(kind, {}).get("default")
+    cfg = _tuned(kind, key, device) or _tuned(kind, "default", device)
     if cfg is not None:
         kernel[grid(cfg)](*args, **meta, **cfg)
         return
     tuner = _autotuned(kind)
     tuner[grid](*args, **meta)
-    best = tuner.best_config
-    _CHOSEN.setdefault(kind, {})[key] = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+    _CHOSEN[f"{kind}|{key}"] = tuning.config_dict(tuner.best_config)
 
 
-def save_tuned(path: Path | None = None) -> Path:
-    """Merge the configs autotune picked in this process into the GPU's tuned file (returns its path)."""
-    path = Path(path) if path is not None else tuned_path()
-    table = json.loads(path.read_text()) if path.is_file() else {}
-    for kind, entries in _CHOSEN.items():
-        table.setdefault(kind, {}).update(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    _TUNED_FILE_CACHE.pop(str(path), None)
-    return path
+def save_tuned(gpu: str | None = None) -> Path:
+    """Merge the configs autotune picked in this process into section 'xsa_attention' of the per-GPU file
+    (:mod:`pgolf.kernels.tuning`; ``gpu``: a slug, default the current device); returns its path."""
+    return tuning.save("xsa_attention", _CHOSEN, gpu)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -509,7 +488,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], xsa:
     ds = doc_bounds(cu_seqlens, T, q.device)[0] if has_docs else lse
     sm_scale = 1.0 / math.sqrt(D)
     args = (q, k, v, out, lse, xc, ds, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            T, Hq, Hkv, sm_scale * LOG2E, _bucket(T))
+            T, Hq, Hkv, sm_scale * LOG2E, tuning.pow2_bucket(T))
     meta = dict(D=D, G=G, HAS_DOCS=has_docs, XSA=xsa, PREC=_prec(q.dtype))
     _launch("fwd", lambda c: (triton.cdiv(T, c["BLOCK_M"] // G), B * Hkv), args, meta,
             _config_key(T, D, G, q.dtype, xsa, has_docs), q.device)
@@ -546,17 +525,13 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dop.stride()[:3])
     _launch("dkdv", lambda c: (triton.cdiv(T, c["BLOCK_N"]), B * Hkv),
             (q, k, v, dop, lse, delta, dvx, dk, dv, de, *common, *dk.stride()[:3], *dv.stride()[:3],
-             T, Hq, Hkv, sm_scale * LOG2E, sm_scale, _bucket(T)),
+             T, Hq, Hkv, sm_scale * LOG2E, sm_scale, tuning.pow2_bucket(T)),
             dict(D=D, G=G, HAS_DOCS=has_docs, XSA=xsa, PREC=prec), key, dev)
     _launch("dq", lambda c: (triton.cdiv(T, c["BLOCK_M"] // G), B * Hkv),
             (q, k, v, dop, lse, delta, dq, ds, *common, *dq.stride()[:3], T, Hq, Hkv, sm_scale * LOG2E, sm_scale,
-             _bucket(T)),
+             tuning.pow2_bucket(T)),
             dict(D=D, G=G, HAS_DOCS=has_docs, PREC=prec), key, dev)
     return dq, dk, dv
-
-
-def _bucket(T: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(T, 1))))
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -634,29 +609,32 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, xsa: bool = False, cu_seqlens:
 def tune(device: str = "cuda", tokens: int = 98_304, heads: int = 8, kv_heads: int = 4, head_dim: int = 64,
          dtype: torch.dtype = torch.bfloat16) -> Path:
     """Autotune forward and backward at the record shapes (packed documents and dense 2,048-token rows, XSA on and
-    off) on this GPU and save the chosen configs (see :func:`tuned_path`), so later runs never tune.
+    off) on this GPU and save the chosen configs (see :mod:`pgolf.kernels.tuning`), so later runs never tune.
 
     ``python -c "from pgolf.kernels import xsa_attention as m; print(m.tune())"`` on the GPU machine.
     """
     from pgolf.bench.ops.attention import doc_lengths
 
+    global _RETUNING
     dev = torch.device(device)
-    _TUNED_FILE_CACHE[str(tuned_path(dev))] = {}  # ignore an existing file while tuning
     lengths = doc_lengths(tokens, seed=0)
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
     cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
-    for B, T, cu_seqlens in ((1, tokens, cu_t), (tokens // 2048, 2048, None)):
-        q = torch.randn(B, T, heads, head_dim, device=dev, dtype=dtype, requires_grad=True)
-        k = torch.randn(B, T, kv_heads, head_dim, device=dev, dtype=dtype, requires_grad=True)
-        v = torch.randn(B, T, kv_heads, head_dim, device=dev, dtype=dtype, requires_grad=True)
-        for xsa in (True, False):
-            y = attention(q, k, v, xsa=xsa, cu_seqlens=cu_seqlens)
-            torch.autograd.grad(y, (q, k, v), torch.randn_like(y))
-    torch.cuda.synchronize(dev)
-    _TUNED_FILE_CACHE.pop(str(tuned_path(dev)), None)
-    return save_tuned(tuned_path(dev))
+    _RETUNING = True  # ignore an existing file while tuning
+    try:
+        for B, T, cu_seqlens in ((1, tokens, cu_t), (tokens // 2048, 2048, None)):
+            q = torch.randn(B, T, heads, head_dim, device=dev, dtype=dtype, requires_grad=True)
+            k = torch.randn(B, T, kv_heads, head_dim, device=dev, dtype=dtype, requires_grad=True)
+            v = torch.randn(B, T, kv_heads, head_dim, device=dev, dtype=dtype, requires_grad=True)
+            for xsa in (True, False):
+                y = attention(q, k, v, xsa=xsa, cu_seqlens=cu_seqlens)
+                torch.autograd.grad(y, (q, k, v), torch.randn_like(y))
+        torch.cuda.synchronize(dev)
+    finally:
+        _RETUNING = False
+    return tuning.save("xsa_attention", _CHOSEN, dev)
 
 
 def _register() -> None:

@@ -12,14 +12,6 @@ from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 
 
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_eval_tiny_smoke_cli(tmp_path, capsys, one_thread):
     hist, out = tmp_path / "h.jsonl", tmp_path / "eval.json"
     rc = main(["eval", "--preset", "tiny", "--smoke", "--no-roundtrip", "--history", str(hist), "--json", str(out)])

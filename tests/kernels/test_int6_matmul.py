@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pgolf.kernels
-from pgolf.kernels import reference
+from pgolf.kernels import reference, tuning
 from pgolf.kernels.int6_pack import dequantize, pack_int6, unpack_int6
 
 im = importlib.import_module("pgolf.kernels.int6_matmul")
@@ -303,16 +303,13 @@ def test_gpu_int64_offsets(packed):
 
 
 def test_tuned_config_file_round_trip(tmp_path, monkeypatch):
-    """save_tuned() merges autotuner picks into a per-GPU JSON; _tuned_table() reads them back by GPU name."""
-    monkeypatch.setattr(im, "TUNED_DIR", tmp_path)
+    """save_tuned() merges autotuner picks into section 'int6_matmul' of the per-GPU file; load() reads them back."""
+    monkeypatch.setenv("PGOLF_TUNED_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_FILES", {})
     monkeypatch.setattr(im, "_CHOSEN", {"large|m=4096,n=512,k=512,packed,bfloat16": dict(BM=128, BN=64, BK=64,
                                                                                           GROUP_M=8, num_warps=4,
                                                                                           num_stages=4)})
-    path = im.save_tuned(tmp_path / "some_gpu.json")
-    assert path.is_file()
-    im._tuned_table.cache_clear()
-    try:
-        table = im._tuned_table("some_gpu")
-    finally:
-        im._tuned_table.cache_clear()
+    path = im.save_tuned("some_gpu")
+    assert path == tmp_path / "some_gpu.json" and path.is_file()
+    table = tuning.load("int6_matmul", "some_gpu")
     assert table["large|m=4096,n=512,k=512,packed,bfloat16"]["BN"] == 64

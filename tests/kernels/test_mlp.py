@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pgolf import kernels
-from pgolf.kernels import reference
+from pgolf.kernels import reference, tuning
 
 K = importlib.import_module("pgolf.kernels.mlp")
 
@@ -261,18 +261,20 @@ def test_compile_fullgraph_no_graph_breaks():
 
 # ---- launch-config selection (GPU path, simulated) ---------------------------------------------------------------
 
-def test_config_picker_reads_json_then_tunes_and_writes(tmp_path, monkeypatch):
+def test_config_picker_reads_the_file_then_tunes_and_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(K, "INTERPRET", False)
-    monkeypatch.setattr(K, "TUNED_DIR", tmp_path)
-    monkeypatch.setattr(K, "gpu_tag", lambda device: "fake_gpu")
-    monkeypatch.setattr(K, "gpu_name", lambda device: "Fake GPU")
-    monkeypatch.setattr(K.ConfigPicker, "_files", {})
+    monkeypatch.setenv("PGOLF_TUNED_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_FILES", {})
+    monkeypatch.setattr(tuning, "gpu_slug", lambda device=None: "fake_gpu")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     cuda = torch.device("cuda", 0)
     cand = [dict(BM=1), dict(BM=2)]
     picker = K.ConfigPicker("test_kernel", cand, lambda key: dict(BM=99), dict(BM=0))
     try:
-        (tmp_path / "fake_gpu.json").write_text(json.dumps({"kernels": {"test_kernel": {"a|1": {"BM": 7}}}}))
+        (tmp_path / "fake_gpu.json").write_text(json.dumps({"ops": {"test_kernel": {"a|1": {"BM": 7}}}}))
         assert picker.pick(("a", 1), cuda, launch=None) == {"BM": 7}  # from the file; launch never called
+        # another op saves into the same file after this process read it: its section must survive our save
+        tuning.save("other_op", {"k": {"X": 1}}, "fake_gpu")
         monkeypatch.setenv("PGOLF_AUTOTUNE", "0")
         assert picker.pick(("b", 2), cuda, launch=None) == {"BM": 99}  # no tuning: the default
         monkeypatch.setenv("PGOLF_AUTOTUNE", "1")
@@ -281,15 +283,11 @@ def test_config_picker_reads_json_then_tunes_and_writes(tmp_path, monkeypatch):
         assert picker.pick(("c", 3), cuda, launch=None) == {"BM": 2}
         saved = json.loads((tmp_path / "fake_gpu.json").read_text())
         assert saved["gpu"] == "Fake GPU"
-        assert saved["kernels"]["test_kernel"] == {"a|1": {"BM": 7}, "b|2": {"BM": 99}, "c|3": {"BM": 2}}
+        assert saved["ops"]["test_kernel"] == {"a|1": {"BM": 7}, "b|2": {"BM": 99}, "c|3": {"BM": 2}}
+        assert saved["ops"]["other_op"] == {"k": {"X": 1}}
         assert picker.pick(("c", 3), torch.device("cpu"), launch=None) == {"BM": 0}  # CPU: fixed config
     finally:
         K.ConfigPicker.pickers.pop("test_kernel", None)
-
-
-def test_pow2_bucket():
-    assert [K.pow2_bucket(n) for n in (1, 16, 17, 2048, 2049, 98304, 10 ** 9)] == \
-        [16, 16, 32, 2048, 4096, 131072, 131072]
 
 
 # ---- GPU (bf16, realistic shapes) --------------------------------------------------------------------------------

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 from typing import Any, Callable
 
 import torch
 
 from pgolf.bench.core import Case
+from pgolf.bench.ops import triton_module
 from pgolf.kernels import reference
 
 RECORD = dict(tokens=98_304, heads=8, kv_heads=4, head_dim=64, max_doc=2048)
@@ -75,16 +75,6 @@ def _cu(lengths: list[int], device, pad_to: int = 64) -> torch.Tensor:
     return torch.tensor(cu + [cu[-1]] * (padded - len(cu)), dtype=torch.int32, device=device)
 
 
-def _triton_available(device: torch.device) -> bool:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import pgolf.kernels.xsa_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _flash_attn():
     """(varlen_fn, dense_fn) from FA3 or FA2, or None."""
     for mod in ("flash_attn_interface", "flash_attn"):
@@ -129,9 +119,8 @@ def _impls(B: int, T: int, lengths: list[int] | None, heads: int, kv_heads: int,
         return fwd
 
     impls: dict[str, Callable[[], Any]] = {}
-    if _triton_available(device):
-        from pgolf.kernels import xsa_attention
-
+    xsa_attention = triton_module("xsa_attention", device)
+    if xsa_attention is not None:
         impls["triton"] = wrap(lambda: xsa_attention.attention(q, k, v, xsa=True, cu_seqlens=cu, max_seqlen=2048))
 
     def sdpa_xsa():

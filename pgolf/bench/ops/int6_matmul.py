@@ -19,13 +19,13 @@ bandwidth of every implementation against that same byte count (H200 HBM peak â‰
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from pgolf.bench.core import Case
+from pgolf.bench.ops import triton_module
 from pgolf.kernels import reference
 from pgolf.kernels.int6_pack import dequantize, pack_int6
 
@@ -45,16 +45,6 @@ def min_bytes(M: int, N: int, K: int, x_bytes: int) -> int:
     return packed_bytes(N, K) + 2 * N + M * K * x_bytes + M * N * x_bytes
 
 
-def _triton_available(device: torch.device) -> bool:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import pgolf.kernels.int6_matmul  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _build(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
            params: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     g = torch.Generator(device=device).manual_seed(0)
@@ -64,10 +54,8 @@ def _build(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
     x = torch.randn(M, K, generator=g, device=device, dtype=torch.float32).to(dtype)
     w = dequantize(q, scale, dtype=dtype)  # pre-dequantized weight of the baseline
     impls: dict[str, Callable[[], Any]] = {}
-    if _triton_available(device):
-        import importlib
-
-        im = importlib.import_module("pgolf.kernels.int6_matmul")
+    im = triton_module("int6_matmul", device)
+    if im is not None:
         impls["triton_int8"] = lambda: im.int6_matmul(x, q, scale, in_features=K, packed=False)
         impls["triton_packed"] = lambda: im.int6_matmul(x, qp, scale, in_features=K, packed=True)
     impls["cublas_bf16"] = lambda: F.linear(x, w)

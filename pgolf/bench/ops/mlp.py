@@ -9,13 +9,12 @@ Full size: the record shapes, bf16 on CUDA: d = 512, hidden = 2048, M = 2,048 / 
 
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Any, Callable
 
 import torch
 
 from pgolf.bench.core import Case
+from pgolf.bench.ops import triton_module
 from pgolf.kernels import reference
 
 FULL_SHAPES = [(2048, 512, 2048), (16384, 512, 2048), (98304, 512, 2048)]  # (M, d, hidden)
@@ -23,18 +22,9 @@ SMOKE_SHAPES = [(32, 16, 40)]
 SLOPE = 0.5
 
 
-def triton_available(device: torch.device) -> bool:
-    """Triton kernels run on CUDA, or on CPU under the interpreter (TRITON_INTERPRET=1 set before import)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _triton_mlp() -> Callable:
-    mod = importlib.import_module("pgolf.kernels.mlp")
-    return mod.mlp
-
-
 def _impls(device: torch.device) -> dict[str, Callable]:
-    impls: dict[str, Callable] = {"triton": _triton_mlp()} if triton_available(device) else {}
+    mod = triton_module("mlp", device)
+    impls: dict[str, Callable] = {"triton": mod.mlp} if mod is not None else {}
     impls["eager"] = reference.mlp
     if device.type == "cuda":
         impls["compiled"] = torch.compile(reference.mlp, dynamic=False)

@@ -24,12 +24,12 @@ only), so smoke runs need no C++ toolchain.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import torch
 
 from pgolf.bench.core import Case
+from pgolf.bench.ops import triton_module
 from pgolf.kernels import reference
 from pgolf.train.muon import CLASSIC_COEFFS, POLAR_EXPRESS_COEFFS
 
@@ -54,16 +54,6 @@ def ns_flops(banks: dict[str, tuple[int, int, int]], steps: int = NS_STEPS) -> f
     return total
 
 
-def _triton_available(device: torch.device) -> bool:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import pgolf.kernels.newton_schulz  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def orthogonality_report(outputs: list[torch.Tensor]) -> float:
     """max over every matrix of every bank of max_i |σ_i − 1| (float64 singular values)."""
     worst = 0.0
@@ -79,11 +69,8 @@ def _build(banks: dict[str, tuple[int, int, int]], coeffs, dtype: torch.dtype, d
     # momentum-like inputs: one (B, m, n) stack per bank, already in the NS dtype (Muon's buffers are bf16)
     Gs = [torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype) for shape in banks.values()]
     impls: dict[str, Callable[[], Any]] = {}
-    if _triton_available(device):
-        import importlib
-
-        ns = importlib.import_module("pgolf.kernels.newton_schulz")
-
+    ns = triton_module("newton_schulz", device)
+    if ns is not None:
         impls["triton"] = lambda: [ns.newton_schulz(G, coeffs, NS_STEPS, EPS, dtype) for G in Gs]
     impls["eager"] = lambda: [reference.newton_schulz(G, coeffs, NS_STEPS, EPS, dtype) for G in Gs]
     # CPU (smoke): the 'eager' compile backend, so the case runs in seconds without a C++ toolchain

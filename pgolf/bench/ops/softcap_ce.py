@@ -14,14 +14,13 @@ Full size: bf16 on CUDA, V = 8192, d = 512, N = 2,048 / 16,384 / 98,304 tokens p
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from pgolf.bench.core import Case
-from pgolf.bench.ops.mlp import triton_available
+from pgolf.bench.ops import triton_module
 from pgolf.kernels import reference
 
 CAP = 30.0
@@ -29,13 +28,9 @@ FULL = dict(N=(2048, 16384, 98304), V=8192, d=512)
 SMOKE = dict(N=(32,), V=97, d=16)
 
 
-def _ce_module():
-    mod = importlib.import_module("pgolf.kernels.softcap_ce")
-    return mod
-
-
 def _ce_impls(device: torch.device) -> dict[str, Callable]:
-    impls: dict[str, Callable] = {"triton": _ce_module().softcap_ce} if triton_available(device) else {}
+    mod = triton_module("softcap_ce", device)
+    impls: dict[str, Callable] = {"triton": mod.softcap_ce} if mod is not None else {}
     impls["eager"] = reference.softcap_ce
     if device.type == "cuda":
         impls["compiled"] = torch.compile(reference.softcap_ce, dynamic=False)
@@ -44,8 +39,8 @@ def _ce_impls(device: torch.device) -> dict[str, Callable]:
 
 def _head_impls(device: torch.device) -> dict[str, Callable]:
     impls: dict[str, Callable] = {}
-    if triton_available(device):
-        mod = _ce_module()
+    mod = triton_module("softcap_ce", device)
+    if mod is not None:
         impls["triton"] = lambda h, w, t, cap: mod.LMHeadLossFunction.apply(h, w, t, cap)
 
         def unfused(h, w, t, cap):
