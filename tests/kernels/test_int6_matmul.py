@@ -23,12 +23,7 @@ GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_weight(N: int, K: int, seed: int, device=DEV):

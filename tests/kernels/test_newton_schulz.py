@@ -26,12 +26,7 @@ COEFFS = {"classic": CLASSIC_COEFFS, "polar_express": POLAR_EXPRESS_COEFFS}
 BAND = {"classic": (0.6818, 1.1344), "polar_express": (0.8588, 1.1412)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_g(shape, seed: int, dtype=torch.float32, device=DEV) -> torch.Tensor:

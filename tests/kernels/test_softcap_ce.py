@@ -30,12 +30,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDS = lambda d: str(d).removeprefix("torch.")  # noqa: E731
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

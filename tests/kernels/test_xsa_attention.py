@@ -28,12 +28,7 @@ def _poison(monkeypatch):
     monkeypatch.setattr(xa, "POISON", True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int, device="cpu") -> torch.Generator:
