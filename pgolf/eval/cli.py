@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-seqs", type=int, default=32)
     p.add_argument("--val-max-tokens", type=int, default=0, help="cap the validation tokens (0 = all)")
     p.add_argument("--int6-matmul", action="store_true", help="run int6 layers through Int6Linear")
+    p.add_argument("--doc-isolated", action="store_true", help="attention never crosses a BOS inside a window")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--ttt", choices=("chunk", "lora", "phased"), help="legal score-first test-time training, then "
                    "the compliance report")
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_artifact(artifact: str, data: str, tokenizer: str, *, sliding: bool = False, stride: int | None = None,
                       seq_len: int | None = None, batch_seqs: int = 32, val_max_tokens: int = 0,
-                      int6_matmul: bool = False, device: str = "auto") -> dict[str, Any]:
+                      int6_matmul: bool = False, device: str = "auto", doc_isolated: bool = False) -> dict[str, Any]:
     """{'plain': EvalResult, 'sliding': EvalResult | None, 'model': the rebuilt model, 'qm': QuantizedModel}."""
     import torch
 
@@ -81,11 +82,12 @@ def evaluate_artifact(artifact: str, data: str, tokenizer: str, *, sliding: bool
     model = build_model(qm, device=dev, int6_matmul=int6_matmul)
     load_s = time.perf_counter() - t0
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    plain = evaluate(model, val, tables, seq_len=seq_len, batch_seqs=batch_seqs, autocast_dtype=amp)
+    plain = evaluate(model, val, tables, seq_len=seq_len, batch_seqs=batch_seqs, doc_isolated=doc_isolated,
+                     autocast_dtype=amp)
     slide = None
     if sliding:
         slide = evaluate_sliding(model, val, tables, window=seq_len, stride=stride, batch_windows=batch_seqs,
-                                 autocast_dtype=amp)
+                                 doc_isolated=doc_isolated, autocast_dtype=amp)
     return {"plain": plain, "sliding": slide, "model": model, "qm": qm, "val": val, "tables": tables,
             "seq_len": seq_len, "stride": stride, "load_s": load_s, "device": dev}
 
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = evaluate_artifact(args.artifact, args.data, args.tokenizer, sliding=args.sliding, stride=args.stride,
                               seq_len=args.seq_len, batch_seqs=args.batch_seqs, val_max_tokens=args.val_max_tokens,
-                              int6_matmul=args.int6_matmul, device=args.device)
+                              int6_matmul=args.int6_matmul, device=args.device, doc_isolated=args.doc_isolated)
     except (ArtifactError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"pgolf.eval: error: {e}", file=sys.stderr)
         return 1

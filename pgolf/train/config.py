@@ -59,6 +59,7 @@ class TrainConfig:
     eval_seq_len: int = 2048
     eval_stride: int = 64               # sliding-window stride at the end (0 = no sliding eval)
     eval_batch_seqs: int = 32
+    eval_doc_isolated: bool = False     # attention never crosses a BOS in evaluation windows (R6's diagnostic eval)
     val_loss_every: int = 0             # periodic validation (0 = only at the end)
     val_max_tokens: int = 0             # cap the validation tokens (0 = the whole split)
     train_log_every: int = 100

@@ -203,6 +203,7 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
         if cfg.val_loss_every and step % cfg.val_loss_every == 0 and flags[1] == 0:
             with clock.paused():
                 r = evaluate(model, val_tokens, tables, seq_len=cfg.eval_seq_len, batch_seqs=cfg.eval_batch_seqs,
+                             doc_isolated=cfg.eval_doc_isolated,
                              autocast_dtype=torch.bfloat16 if ctx.device.type == "cuda" else None)
             log(f"step:{step}/{cfg.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
                 f"train_time:{clock.elapsed_ms:.0f}ms")
@@ -248,12 +249,13 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
 
     t0 = time.perf_counter()
     final = evaluate(model, val_tokens, tables, seq_len=cfg.eval_seq_len, batch_seqs=cfg.eval_batch_seqs,
-                     autocast_dtype=autocast_dtype)
+                     doc_isolated=cfg.eval_doc_isolated, autocast_dtype=autocast_dtype)
     log(f"final val_loss:{final.val_loss:.4f} val_bpb:{final.val_bpb:.4f} eval_time:{final.seconds * 1000:.0f}ms")
     sliding = None
     if cfg.eval_stride:
         sliding = evaluate_sliding(model, val_tokens, tables, window=cfg.eval_seq_len, stride=cfg.eval_stride,
-                                   batch_windows=cfg.eval_batch_seqs, autocast_dtype=autocast_dtype)
+                                   batch_windows=cfg.eval_batch_seqs,
+                                   doc_isolated=cfg.eval_doc_isolated, autocast_dtype=autocast_dtype)
         log(f"final_sliding val_loss:{sliding.val_loss:.4f} val_bpb:{sliding.val_bpb:.4f} "
             f"eval_time:{sliding.seconds * 1000:.0f}ms")
     eval_seconds = time.perf_counter() - t0
@@ -326,14 +328,15 @@ def _write_and_eval_artifact(cfg: TrainConfig, model_cfg: GPTConfig, model: GPT,
     qmodel = build_model(path, device=ctx.device)
     load_s = time.perf_counter() - t0
     rt = evaluate(qmodel, val_tokens, tables, seq_len=cfg.eval_seq_len, batch_seqs=cfg.eval_batch_seqs,
-                  autocast_dtype=autocast_dtype)
+                  doc_isolated=cfg.eval_doc_isolated, autocast_dtype=autocast_dtype)
     log(f"final_quant_roundtrip val_loss:{rt.val_loss:.4f} val_bpb:{rt.val_bpb:.4f} "
         f"eval_time:{rt.seconds * 1000:.0f}ms")
     log(f"final_quant_roundtrip_exact val_loss:{rt.val_loss:.8f} val_bpb:{rt.val_bpb:.8f}")
     rt_sliding = None
     if cfg.eval_stride:
         rt_sliding = evaluate_sliding(qmodel, val_tokens, tables, window=cfg.eval_seq_len, stride=cfg.eval_stride,
-                                      batch_windows=cfg.eval_batch_seqs, autocast_dtype=autocast_dtype)
+                                      batch_windows=cfg.eval_batch_seqs,
+                                      doc_isolated=cfg.eval_doc_isolated, autocast_dtype=autocast_dtype)
         log(f"final_quant_sliding_window val_loss:{rt_sliding.val_loss:.4f} val_bpb:{rt_sliding.val_bpb:.4f} "
             f"eval_time:{rt_sliding.seconds * 1000:.0f}ms")
         log(f"final_quant_sliding_window_exact val_loss:{rt_sliding.val_loss:.8f} val_bpb:{rt_sliding.val_bpb:.8f}")

@@ -225,3 +225,12 @@ def test_ranks_with_skewed_clocks_switch_the_loop_at_the_same_step(corpus, tmp_p
                        nprocs=2, join=True, start_method="spawn")
     steps = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["loop_on_step"] for r in (0, 1)]
     assert steps[0] is not None and steps[0] == steps[1]
+
+
+def test_doc_isolated_eval_changes_only_the_evaluation(corpus, tmp_path):
+    plain = run(corpus, tmp_path / "plain", seed=5, quant_method="none")
+    iso = run(corpus, tmp_path / "iso", seed=5, quant_method="none", eval_doc_isolated=True)
+    assert losses(plain) == losses(iso)  # training is the same
+    assert iso["val"]["doc_isolated"] is True and plain["val"]["doc_isolated"] is False
+    assert iso["val"]["tokens"] == plain["val"]["tokens"]
+    assert iso["val_bpb"] != plain["val_bpb"]  # windows hold several documents, so isolation changes the scores
