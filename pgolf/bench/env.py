@@ -10,6 +10,7 @@ told its commit that way), else ``git rev-parse HEAD``, else ``.git/HEAD`` read 
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 import platform
 import re
@@ -159,3 +160,17 @@ def measure_matmul_peak(device: torch.device, *, smoke: bool = False) -> dict[st
 
 def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+
+
+def reset_device(device: torch.device) -> None:
+    """Between benchmark cases: drop compiled graphs and cached memory so one case cannot tilt the next."""
+    try:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001
+        pass
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()

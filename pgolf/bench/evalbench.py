@@ -23,6 +23,7 @@ otherwise — timing does not depend on the token values):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -202,7 +203,7 @@ def _sgd_step_ms(model, tokens: torch.Tensor, seq_len: int, device: torch.device
     n = 2 * seq_len
     x = tokens[:n].view(2, seq_len).to(device)
     y = tokens[1:n + 1].view(2, seq_len).to(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _Null()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.train()
     times = []
     for i in range(warmup + reps):
@@ -221,14 +222,6 @@ def _sgd_step_ms(model, tokens: torch.Tensor, seq_len: int, device: torch.device
             times.append((time.perf_counter() - t0) * 1e3)
     model.eval()
     return statistics.median(times)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def run_eval(*, preset: str | None = "sota", artifact: str | None = None, smoke: bool = False,

@@ -9,7 +9,6 @@ push a shared compiled function past its recompile limit and be timed in eager m
 
 from __future__ import annotations
 
-import gc
 import importlib
 import pkgutil
 import time
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from pgolf.bench.core import Case, run_case
+from pgolf.bench.env import reset_device
 from pgolf.bench.history import metric
 
 OPS_PACKAGE = "pgolf.bench.ops"
@@ -87,7 +87,7 @@ def run_kernels(*, smoke: bool, device: torch.device, ops: Iterable[str] | None 
     result: dict[str, Any] = dict(ops=status, rows=[], seconds=None)
     for i, case in enumerate(cases, 1):
         log(f"[kernels] {i}/{len(cases)} {case.name}")
-        _reset(device)
+        reset_device(device)
         tc = time.perf_counter()
         try:
             rows = run_case(case, device, reps=reps, errors="record")
@@ -105,22 +105,9 @@ def run_kernels(*, smoke: bool, device: torch.device, ops: Iterable[str] | None 
         result["rows"] += rows
         if on_progress is not None:
             on_progress(result)
-    _reset(device)
+    reset_device(device)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
-
-
-def _reset(device: torch.device) -> None:
-    try:
-        import torch._dynamo
-
-        torch._dynamo.reset()
-    except Exception:  # noqa: BLE001
-        pass
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
 
 
 def _jsonable(x: Any) -> Any:

@@ -20,7 +20,7 @@ phase boundaries and one synchronize per step (the trainer syncs every step to r
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import math
 import statistics
 import time
@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from pgolf.bench.env import reset_device
 from pgolf.bench.history import metric
 
 CHALLENGE_SECONDS = 600.0
@@ -174,7 +175,7 @@ def time_variant(setup: StepSetup, variant: str, device: torch.device, *, steps:
     t, c = setup.train_cfg, setup.model_cfg
     out = {} if out is None else out
     out.update(variant=variant, compiled=compile_model, modes={}, error=None)
-    _reset(device)
+    reset_device(device)
     with kernels.use_backend(variant):
         out["ops"] = {op: _resolved(kernels, op, device) for op in kernels.OPS}
         torch.manual_seed(t.seed)
@@ -185,7 +186,7 @@ def time_variant(setup: StepSetup, variant: str, device: torch.device, *, steps:
                                scalar_lr=t.scalar_lr, scalar_wd=t.scalar_wd, betas=tuple(t.betas), eps=t.adam_eps)
         ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
         step_model = torch.compile(model, dynamic=False, fullgraph=True) if compile_model else model
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _Null()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
         batches = _batches(setup, c.vocab_size, device)
         params = list(model.parameters())
         out["grad_bytes"] = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
@@ -270,7 +271,7 @@ def time_variant(setup: StepSetup, variant: str, device: torch.device, *, steps:
                 on_mode()
         model.looping_active = False
     del model, opt, ema, step_model, batches
-    _reset(device)
+    reset_device(device)
     return out
 
 
@@ -291,27 +292,6 @@ def _summarize(walls: list[float], totals: list[float], phases: dict[str, list[f
                 ms_max=max(walls), device_ms=statistics.median(totals), tokens_per_s=setup.tokens / med * 1e3,
                 phases_ms={p: statistics.median(v) for p, v in phases.items()},
                 flops_per_step=flops, tflops=flops / med / 1e9)
-
-
-def _reset(device: torch.device) -> None:
-    try:
-        import torch._dynamo
-
-        torch._dynamo.reset()
-    except Exception:  # noqa: BLE001
-        pass
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -421,7 +401,7 @@ def run_step(preset: str = "sota", *, smoke: bool = False, device: torch.device,
             vr["error"] = f"{type(e).__name__}: {e}"[:800]
             vr.setdefault("modes", {})
             log(f"[step] variant {v} FAILED: {vr['error']}")
-            _reset(device)
+            reset_device(device)
         update()
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result

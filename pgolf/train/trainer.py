@@ -18,6 +18,7 @@ size table and ``bytes_total`` (model + the pgolf-pack bundle's code bytes) are 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -111,7 +112,7 @@ def _train(cfg: TrainConfig, model_cfg: GPTConfig, ctx: Context, run_id: str, ru
     if use_compile:
         kernels.preload(ctx.device.type)  # a lazy import inside the traced dispatch cannot be traced
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else _null()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
 
     log(f"run_id:{run_id} preset:{cfg.preset} params:{n_params} world_size:{ctx.world_size} grad_accum:{grad_accum} "
         f"device:{ctx.device} compile:{use_compile} train_files:{len(train_files)} val_tokens:{val_tokens.numel() - 1}")
@@ -487,14 +488,6 @@ class Logger:
     def close(self) -> None:
         if self.file:
             self.file.close()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 __all__ = ["train", "TrainingDiverged", "setup_distributed", "allreduce_grads", "make_loader"]
