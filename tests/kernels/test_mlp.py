@@ -18,6 +18,7 @@ import torch
 
 from pgolf import kernels
 from pgolf.kernels import reference, tuning
+from tests.kernels.helpers import assert_fullgraph_matches_eager, saved_activation_bytes
 
 K = importlib.import_module("pgolf.kernels.mlp")
 
@@ -202,24 +203,6 @@ def test_dispatch_selects_the_kernel():
     torch.testing.assert_close(y, K.mlp(x, w1, w2, 0.5), rtol=0, atol=0)
 
 
-def saved_activation_bytes(fn, inputs) -> tuple[int, list[tuple[tuple[int, ...], torch.dtype]]]:
-    """Bytes of distinct storages saved for backward by fn(*inputs), excluding the inputs' own storages."""
-    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
-    seen: dict[int, int] = {}
-    shapes = []
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in input_ptrs and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-            shapes.append((tuple(t.shape), t.dtype))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*inputs)
-    return sum(seen.values()), shapes
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_saves_one_hidden_buffer_plus_a_bit_mask(dtype):
     M, d, H = 37, 48, 100
@@ -241,17 +224,7 @@ def test_compile_fullgraph_no_graph_breaks():
 
     leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2)]
     with kernels.use_backend("triton", op="mlp"):
-        explained = torch._dynamo.explain(f)(*leaves)
-        assert explained.graph_break_count == 0, explained.break_reasons
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-        out = compiled(*leaves)
-        grads = torch.autograd.grad(out, leaves)
-        eager = f(*leaves)
-        eager_grads = torch.autograd.grad(eager, leaves)
-    torch._dynamo.reset()
-    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-    for a, b in zip(grads, eager_grads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert_fullgraph_matches_eager(f, leaves)
 
 
 # ---- launch-config selection (GPU path, simulated) ---------------------------------------------------------------

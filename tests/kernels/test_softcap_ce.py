@@ -17,6 +17,7 @@ import torch
 
 from pgolf import kernels
 from pgolf.kernels import reference
+from tests.kernels.helpers import assert_fullgraph_matches_eager, saved_activation_bytes
 
 K = importlib.import_module("pgolf.kernels.softcap_ce")
 MLP = importlib.import_module("pgolf.kernels.mlp")
@@ -250,35 +251,7 @@ def test_compile_fullgraph_no_graph_breaks(fused, monkeypatch):
 
     leaves = [h.clone().requires_grad_(True), W.clone().requires_grad_(True)]
     with kernels.use_backend("triton"):
-        explained = torch._dynamo.explain(f)(*leaves)
-        assert explained.graph_break_count == 0, explained.break_reasons
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-        out = compiled(*leaves)
-        grads = torch.autograd.grad(out, leaves)
-        eager = f(*leaves)
-        eager_grads = torch.autograd.grad(eager, leaves)
-    torch._dynamo.reset()
-    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-    for a, b in zip(grads, eager_grads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
-def saved_activation_bytes(fn, inputs):
-    """Bytes of distinct storages saved for backward by fn(*inputs), excluding the inputs' own storages."""
-    input_ptrs = {x.untyped_storage().data_ptr() for x in inputs}
-    seen: dict[int, int] = {}
-    shapes = []
-
-    def pack(x):
-        ptr = x.untyped_storage().data_ptr()
-        if ptr not in input_ptrs and ptr not in seen:
-            seen[ptr] = x.untyped_storage().nbytes()
-            shapes.append((tuple(x.shape), x.dtype))
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        fn(*inputs)
-    return sum(seen.values()), shapes
+        assert_fullgraph_matches_eager(f, leaves)
 
 
 # ---- GPU (bf16, realistic shapes) --------------------------------------------------------------------------------
