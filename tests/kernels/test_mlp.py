@@ -18,16 +18,11 @@ import torch
 
 from pgolf import kernels
 from pgolf.kernels import reference, tuning
-from tests.kernels.helpers import assert_fullgraph_matches_eager, saved_activation_bytes
+from tests.kernels.helpers import (DTYPES, F64, assert_error_within,
+                                   assert_fullgraph_matches_eager, gen, saved_activation_bytes)
 
 K = importlib.import_module("pgolf.kernels.mlp")
 
-F64 = torch.float64
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-# epsilon of the error rule, in unit roundoffs of the output's scale. fp32 gets 4: there the reference's own
-# error is a few ulps, and the CE kernels build tanh from exp (≤ 3 ulp against torch.tanh's ≤ 1.3 ulp).
-EPS_UNITS = {torch.float32: 4.0, torch.float16: 1.0, torch.bfloat16: 1.0}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,22 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _poison(monkeypatch):
     monkeypatch.setattr(K, "POISON", True)
 
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_error_within(name: str, got: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor, *,
-                        factor: float = 2.0) -> None:
-    """max|got − exact| ≤ factor·max|ref − exact| + EPS_UNITS·u(got.dtype)·max|exact|; no NaN/inf in got."""
-    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: {int((~torch.isfinite(got)).sum())} non-finite values (unwritten?)"
-    exact = exact.to(F64)
-    e_k = (got.to(F64) - exact).abs().max().item()
-    e_r = (ref.to(F64) - exact).abs().max().item()
-    eps = EPS_UNITS[got.dtype] * UNIT_ROUNDOFF[got.dtype] * exact.abs().max().item()
-    assert e_k <= factor * e_r + eps, (f"{name} ({got.dtype}): kernel error {e_k:.3e} > {factor}× reference error "
-                                       f"{e_r:.3e} + {eps:.3e}")
 
 
 def make_inputs(M: int, d: int, H: int, dtype: torch.dtype, seed: int, lead: tuple[int, ...] = ()):

@@ -1,5 +1,5 @@
 """Kernel benchmark cases: one module ``<op>.py`` per op, each defining ``cases(smoke, device)`` (discovered by
-:mod:`pgolf.bench.kernels`), and the helper they share to get the Triton implementation under test."""
+:mod:`pgolf.bench.kernels`), and the helpers they share to get the implementations under test."""
 
 from __future__ import annotations
 
@@ -23,3 +23,14 @@ def triton_module(name: str, device: torch.device | str) -> ModuleType | None:
         return importlib.import_module(f"pgolf.kernels.{name}")
     except ImportError:
         return None
+
+
+def standard_impls(op_module: str, attr: str, reference_fn, device):
+    """{'triton': the op module's ``attr`` (when usable on ``device``), 'eager': ``reference_fn``, and on CUDA
+    'compiled': ``torch.compile(reference_fn)``}: the implementations most op benchmarks compare."""
+    mod = triton_module(op_module, device)
+    impls = {"triton": getattr(mod, attr)} if mod is not None else {}
+    impls["eager"] = reference_fn
+    if device.type == "cuda":
+        impls["compiled"] = torch.compile(reference_fn, dynamic=False)
+    return impls

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from pgolf.bench.core import Case
-from pgolf.bench.ops import triton_module
+from pgolf.bench.ops import standard_impls
 from pgolf.kernels import reference
 
 FULL_SHAPES = [(2048, 512, 2048), (16384, 512, 2048), (98304, 512, 2048)]  # (M, d, hidden)
@@ -23,12 +23,7 @@ SLOPE = 0.5
 
 
 def _impls(device: torch.device) -> dict[str, Callable]:
-    mod = triton_module("mlp", device)
-    impls: dict[str, Callable] = {"triton": mod.mlp} if mod is not None else {}
-    impls["eager"] = reference.mlp
-    if device.type == "cuda":
-        impls["compiled"] = torch.compile(reference.mlp, dynamic=False)
-    return impls
+    return standard_impls("mlp", "mlp", reference.mlp, device)
 
 
 def _build(M: int, d: int, H: int, dtype: torch.dtype, device: torch.device, mode: str) -> dict[str, Callable[[], Any]]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.bench.core import Case
-from pgolf.bench.ops import triton_module
+from pgolf.bench.ops import standard_impls, triton_module
 from pgolf.kernels import reference
 
 CAP = 30.0
@@ -29,12 +29,7 @@ SMOKE = dict(N=(32,), V=97, d=16)
 
 
 def _ce_impls(device: torch.device) -> dict[str, Callable]:
-    mod = triton_module("softcap_ce", device)
-    impls: dict[str, Callable] = {"triton": mod.softcap_ce} if mod is not None else {}
-    impls["eager"] = reference.softcap_ce
-    if device.type == "cuda":
-        impls["compiled"] = torch.compile(reference.softcap_ce, dynamic=False)
-    return impls
+    return standard_impls("softcap_ce", "softcap_ce", reference.softcap_ce, device)
 
 
 def _head_impls(device: torch.device) -> dict[str, Callable]:
