@@ -21,10 +21,9 @@ One Triton kernel, ``_int6_mm_kernel``, serves both paths:
   (GROUP_M) for L2 reuse of x rows, no split.
 
 All addresses use int64 (indices cast before multiplying by strides); x and q may be strided views. Under
-``TRITON_INTERPRET=1`` fixed configs are used and bf16 tiles are upcast to fp32 before ``tl.dot`` (the
-interpreter's bf16 dot is wrong). On a GPU configs come from the per-GPU tuned-config file
-(:mod:`pgolf.kernels.tuning`, section ``int6_matmul``) when it has the key, else a short ``triton.autotune``
-list keyed on (bucketed M, N, K) and the argument dtypes; :func:`save_tuned` writes the picks into that file.
+``TRITON_INTERPRET=1`` bf16 tiles are upcast to fp32 before ``tl.dot`` (the interpreter's bf16 dot is wrong).
+Launch configs: the kernels ``int6_matmul.large``, ``.small`` and ``.splitk_reduce`` of
+:mod:`pgolf.kernels.launcher` (keys: bucketed M, N, K, weight layout, dtype).
 
 **Inference only**: there is no autograd; an ``x`` that requires grad (with grad mode on) raises. The op is the
 custom op ``pgolf::int6_matmul`` with a fake, so ``torch.compile(fullgraph=True)`` traces it.
@@ -33,22 +32,14 @@ custom op ``pgolf::int6_matmul`` with a fake, so ``torch.compile(fullgraph=True)
 
 from __future__ import annotations
 
-import functools
-import os
-from pathlib import Path
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 import pgolf.kernels
-from pgolf.kernels import tuning
+from pgolf.kernels import launcher, tuning
 from pgolf.kernels.int6_pack import dequantize
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-POISON = os.environ.get("PGOLF_KERNELS_POISON", "0") not in ("", "0")
-"""Fill every buffer the launcher allocates with NaN (tests set this to catch unwritten tiles)."""
 
 SMALL_M = 64
 """M at or below which the split-K GEMV-style path is used."""
@@ -59,7 +50,7 @@ SMALL_M = 64
 
 @triton.jit
 def _int6_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, M, N, K, stride_xm, stride_xk, stride_qn, stride_qk,
-                    stride_ym, stride_yn, stride_ws, M_BUCKET, PACKED: tl.constexpr, SPLIT_K: tl.constexpr,
+                    stride_ym, stride_yn, stride_ws, PACKED: tl.constexpr, SPLIT_K: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                     UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """y[m, n] = s[n]·Σ_k x[m, k] q[n, k] over this program's K range (split pid_k of SPLIT_K)."""
@@ -151,62 +142,43 @@ def _int6_splitk_reduce_kernel(ws_ptr, s_ptr, y_ptr, M, N, stride_ym, stride_yn,
 
 
 # ------------------------------------------------------------------------------------------------------------
-# configs: interpreter fixed, tuned JSON, or a short autotune list
+# launch configs (pgolf.kernels.launcher), keys: bucketed M, N, K, weight layout, dtype
 
-def _cfg(num_warps, num_stages, **kw):
-    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
-
-
-LARGE_CONFIGS = [
-    _cfg(8, 3, BM=128, BN=128, BK=64, GROUP_M=8),
-    _cfg(4, 4, BM=128, BN=64, BK=64, GROUP_M=8),
-    _cfg(4, 4, BM=64, BN=128, BK=64, GROUP_M=8),
-    _cfg(8, 3, BM=128, BN=256, BK=64, GROUP_M=8),
-    _cfg(4, 4, BM=64, BN=64, BK=64, GROUP_M=8),
-]
-SMALL_CONFIGS = [  # BM is set from M (max(16, next_pow2(M))); SPLIT_K from _split_k
-    _cfg(4, 4, BN=32, BK=128, GROUP_M=1),
-    _cfg(4, 4, BN=64, BK=128, GROUP_M=1),
-    _cfg(4, 3, BN=64, BK=256, GROUP_M=1),
-    _cfg(8, 3, BN=128, BK=128, GROUP_M=1),
-]
-INTERPRET_LARGE = dict(BM=32, BN=32, BK=32, GROUP_M=2)
-INTERPRET_SMALL = dict(BN=32, BK=64, GROUP_M=1, SPLIT_K=1)
-REDUCE_BLOCK = dict(BLOCK_M=16, BLOCK_N=128)
-
-if not INTERPRET:
-    _large_tuned = triton.autotune(LARGE_CONFIGS, key=["M_BUCKET", "N", "K"])(_int6_mm_kernel)
-    _small_tuned = triton.autotune(SMALL_CONFIGS, key=["M_BUCKET", "N", "K"])(_int6_mm_kernel)
-else:  # autotune cannot run under the interpreter (it benchmarks)
-    _large_tuned = _small_tuned = None
-
-_CHOSEN: dict[str, dict] = {}
+def _cfg(num_warps: int, num_stages: int, **tiles) -> dict:
+    return dict(tiles, num_warps=num_warps, num_stages=num_stages)
 
 
-def tuned_configs() -> dict:
-    """{'int6_matmul': {key: config}} of the autotuner picks made in this process (for the per-GPU file)."""
-    return {"int6_matmul": dict(_CHOSEN)}
+# The first config of each list is the default. fp32 x (ieee dots on CUDA cores) needs narrower tiles per warp to
+# stay within 255 registers.
+LARGE_CONFIGS = {
+    "half": [_cfg(8, 3, BM=128, BN=128, BK=64, GROUP_M=8), _cfg(4, 4, BM=128, BN=64, BK=64, GROUP_M=8),
+             _cfg(4, 4, BM=64, BN=128, BK=64, GROUP_M=8), _cfg(8, 3, BM=128, BN=256, BK=64, GROUP_M=8),
+             _cfg(4, 4, BM=64, BN=64, BK=64, GROUP_M=8)],
+    "float32": [_cfg(8, 3, BM=64, BN=64, BK=32, GROUP_M=8), _cfg(4, 3, BM=64, BN=64, BK=16, GROUP_M=8)],
+}
+SMALL_CONFIGS = {  # BM comes from M (max(16, next_pow2(M))), SPLIT_K from _split_k
+    "half": [_cfg(8, 4, BN=64, BK=128, GROUP_M=1), _cfg(4, 4, BN=32, BK=128, GROUP_M=1),
+             _cfg(8, 3, BN=64, BK=256, GROUP_M=1), _cfg(8, 3, BN=128, BK=128, GROUP_M=1)],
+    "float32": [_cfg(4, 3, BN=32, BK=64, GROUP_M=1), _cfg(8, 3, BN=64, BK=64, GROUP_M=1)],
+}
+REDUCE = _cfg(4, 1, BLOCK_M=16, BLOCK_N=128)
 
 
-def save_tuned(gpu: str | None = None) -> Path:
-    """Merge this process's autotuner picks into section 'int6_matmul' of the per-GPU file
-    (:mod:`pgolf.kernels.tuning`; ``gpu``: a slug, default the current device). Run the benchmarks on the GPU
-    first; later processes then launch those configs without autotuning."""
-    return tuning.save("int6_matmul", _CHOSEN, gpu)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+LARGE = launcher.Kernel("int6_matmul", "large", _int6_mm_kernel, launcher.by_dtype(**LARGE_CONFIGS),
+                        dict(BM=32, BN=32, BK=32, GROUP_M=2))
+SMALL = launcher.Kernel("int6_matmul", "small", _int6_mm_kernel, launcher.by_dtype(**SMALL_CONFIGS),
+                        dict(BN=32, BK=64, GROUP_M=1))
+SPLITK_REDUCE = launcher.Kernel("int6_matmul", "splitk_reduce", _int6_splitk_reduce_kernel, [REDUCE],
+                                dict(BLOCK_M=16, BLOCK_N=128))
 
 
 def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
     """Split-K for the small-M path: enough programs (~2 per SM, nominal BN = 64) while each split keeps >= 256
     of K. A power of two."""
-    if INTERPRET or device.type != "cuda":
+    if launcher.INTERPRET or not (device.type == "cuda" or launcher.compiling()):
         return 1
     programs_n = triton.cdiv(N, 64)
-    want = triton.cdiv(2 * _sm_count(device.index or 0), programs_n)
+    want = triton.cdiv(2 * launcher.sm_count(device), programs_n)
     split = 1
     while split * 2 <= want and K // (split * 2) >= 256:
         split *= 2
@@ -215,11 +187,6 @@ def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
 
 # ------------------------------------------------------------------------------------------------------------
 # launcher
-
-def _alloc(shape, dtype, device) -> Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _check(x: Tensor, q: Tensor, scale: Tensor, in_features: int, packed: bool) -> int:
@@ -244,9 +211,7 @@ def _check(x: Tensor, q: Tensor, scale: Tensor, in_features: int, packed: bool) 
         raise ValueError(f"int6_matmul: scale must have shape ({N},), got {tuple(scale.shape)}")
     if x.device != q.device or x.device != scale.device:
         raise ValueError(f"int6_matmul: x, q and scale must share a device ({x.device}, {q.device}, {scale.device})")
-    if x.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(f"the Triton int6_matmul runs on CUDA (or on CPU with TRITON_INTERPRET=1 set before "
-                           f"import); x is on {x.device}")
+    launcher.require_device(x, "int6_matmul")
     return N
 
 
@@ -260,57 +225,26 @@ def launch(x: Tensor, q: Tensor, scale: Tensor, *, in_features: int, packed: boo
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     scale = scale.contiguous()  # (N,) read with unit stride
-    y = _alloc((M, N), x.dtype, x.device)
+    y = launcher.new_output((M, N), x.dtype, x.device)
     if M == 0 or N == 0:
         return y.view(*lead, N)
     if K == 0:
         return y.zero_().view(*lead, N)
     small = M <= SMALL_M if config is None else "SPLIT_K" in config
-    bm_small = tuning.pow2_bucket(M, lo=16)
-    consts = dict(PACKED=bool(packed), UPCAST=INTERPRET and x.dtype == torch.bfloat16,
-                  IEEE=x.dtype == torch.float32)
-    m_bucket = bm_small if small else tuning.pow2_bucket(M, hi=1 << 16)
-    key = f"{'small' if small else 'large'}|m={m_bucket},n={N},k={K},{'packed' if packed else 'int8'}," \
-          f"{str(x.dtype).removeprefix('torch.')}"
-
     cfg = dict(config) if config is not None else None
-    if cfg is None:
-        if INTERPRET:
-            cfg = dict(INTERPRET_SMALL) if small else dict(INTERPRET_LARGE)
-        else:
-            cfg = tuning.load("int6_matmul").get(key)
-            cfg = dict(cfg) if cfg is not None else None
-    # split-K: from the fixed / JSON / override config, else the heuristic; the large-M path never splits
-    has_split = cfg is not None and "SPLIT_K" in cfg
-    split = int(cfg.pop("SPLIT_K")) if has_split else _split_k(M, N, K, x.device)
-    if not small:
-        split = 1
-    else:
-        if cfg is not None:
-            cfg.setdefault("BM", bm_small)
-        else:
-            consts["BM"] = bm_small
-    consts["SPLIT_K"] = split
-    ws = _alloc((split, M, N), torch.float32, x.device) if split > 1 else y
-
-    args = (x2, q, scale, y, ws, M, N, K, *x2.stride(), *q.stride(), *y.stride(), M * N, m_bucket)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), split)
-
-    if cfg is not None:
-        _int6_mm_kernel[grid(dict(cfg, **consts))](*args, **cfg, **consts)
-    else:
-        tuned = _small_tuned if small else _large_tuned
-        tuned[grid](*args, **consts)
-        best = getattr(tuned, "best_config", None)
-        if best is not None:
-            extra = dict(SPLIT_K=split, BM=consts["BM"]) if small else {}
-            _CHOSEN[key] = dict(tuning.config_dict(best), **extra)
+    split = int(cfg.pop("SPLIT_K")) if cfg and "SPLIT_K" in cfg else _split_k(M, N, K, x.device)
+    split = split if small else 1
+    consts = dict(PACKED=bool(packed), UPCAST=launcher.upcast_dots(x.dtype), IEEE=x.dtype == torch.float32,
+                  SPLIT_K=split, **(dict(BM=tuning.pow2_bucket(M, lo=16)) if small else {}))
+    m_bucket = tuning.pow2_bucket(M, lo=16) if small else tuning.pow2_bucket(M, hi=1 << 16)
+    key = dict(m=m_bucket, n=N, k=K, layout="packed" if packed else "int8", dtype=launcher.dtype_name(x.dtype))
+    ws = launcher.new_output((split, M, N), torch.float32, x.device) if split > 1 else y
+    args = (x2, q, scale, y, ws, M, N, K, *x2.stride(), *q.stride(), *y.stride(), M * N)
+    (SMALL if small else LARGE).run(lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"]), split), args,
+                                    consts, key=key, device=x.device, config=cfg)
     if split > 1:
-        rb = REDUCE_BLOCK
-        _int6_splitk_reduce_kernel[(triton.cdiv(M, rb["BLOCK_M"]), triton.cdiv(N, rb["BLOCK_N"]))](
-            ws, scale, y, M, N, *y.stride(), M * N, SPLIT_K=split, **rb)
+        SPLITK_REDUCE.run(lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"])),
+                          (ws, scale, y, M, N, *y.stride(), M * N), dict(SPLIT_K=split), key=key, device=x.device)
     return y.view(*lead, N)
 
 

@@ -20,22 +20,11 @@ Saved for backward: x, W1, W2 (inputs, alive anyway) plus ``post`` (M×H compute
 torch.compile: both launches are ``torch.library.custom_op`` (``pgolf::mlp_up_fwd``, ``pgolf::mlp_up_bwd``)
 with fake implementations; the autograd.Function around them traces under ``fullgraph=True``.
 
-Launch configs (GEMM tiles) come from :class:`ConfigPicker`: one fixed config under the interpreter; on a GPU
-the in-memory choice, else the section ``mlp_gemm`` of the per-GPU file (:mod:`pgolf.kernels.tuning`), else a
-short benchmark over a small candidate list (unless ``PGOLF_AUTOTUNE=0``, then a fixed default). Keys bucket M
-to a power of two. :func:`pretune` fills the file for the record shapes (``PGOLF_TUNED_WRITE=1`` also saves
-every new tuning).
-
-Environment: ``PGOLF_AUTOTUNE`` (default 1), ``PGOLF_TUNED_WRITE`` (default 0), ``PGOLF_TUNED_DIR`` (see
-:mod:`pgolf.kernels.tuning`), ``PGOLF_KERNEL_POISON`` (NaN-fill outputs before launch; tests).
+Launch configs: the kernels ``mlp.up_fwd`` and ``mlp.up_bwd`` of :mod:`pgolf.kernels.launch` (keys: M bucketed to
+a power of two, N, K, dtype).
 """
 
 from __future__ import annotations
-
-import math
-import os
-from pathlib import Path
-from typing import Any, Callable
 
 import torch
 import triton
@@ -43,103 +32,12 @@ import triton.language as tl
 from torch import Tensor
 
 from pgolf import kernels
-from pgolf.kernels import reference, tuning
+from pgolf.kernels import launcher, reference, tuning
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------------------------------------------------
-# Launch-config selection, shared with pgolf.kernels.softcap_ce.
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    v = os.environ.get(name)
-    return default if v is None else v.strip().lower() not in ("0", "false", "no", "off", "")
-
-
-class ConfigPicker:
-    """Chooses launch parameters for one kernel and remembers them per GPU.
-
-    Order on CUDA: in-memory cache → the kernel's section of the per-GPU file (:mod:`pgolf.kernels.tuning`) →
-    benchmark ``candidates`` with ``triton.testing.do_bench`` (when ``PGOLF_AUTOTUNE`` is not 0) →
-    ``default(key)``. A tuned result is written back to the file when ``PGOLF_TUNED_WRITE=1`` (or by
-    :func:`save_tuned`), so later runs never tune inside a timed region. Under the interpreter (or on CPU)
-    ``interpret`` is always used: autotuning needs a driver. Candidates that fail to compile (e.g. too much
-    shared memory) are skipped. File section ``kernel``, keys ``"|".join(key)``.
-    """
-
-    pickers: dict[str, "ConfigPicker"] = {}
-
-    def __init__(self, kernel: str, candidates: list[dict], default: Callable[[tuple], dict], interpret: dict):
-        self.kernel = kernel
-        self.candidates = candidates
-        self.default = default
-        self.interpret = interpret
-        self.memory: dict[str, dict] = {}
-        ConfigPicker.pickers[kernel] = self
-
-    @staticmethod
-    def key_str(key: tuple) -> str:
-        return "|".join(str(k) for k in key)
-
-    def pick(self, key: tuple, device: torch.device, launch: Callable[[dict], Any]) -> dict:
-        """Config for ``key`` on ``device``; ``launch(cfg)`` runs the kernel once (only used to benchmark)."""
-        if INTERPRET or device.type != "cuda":
-            return self.interpret
-        ks = self.key_str(key)
-        cfg = self.memory.get(ks)
-        if cfg is not None:
-            return cfg
-        cfg = tuning.load(self.kernel, device).get(ks)
-        if cfg is None:
-            if _env_flag("PGOLF_AUTOTUNE", True):
-                cfg = self._tune(launch) or self.default(key)
-                self.memory[ks] = cfg
-                if _env_flag("PGOLF_TUNED_WRITE", False):
-                    save_tuned(device)
-                return cfg
-            cfg = self.default(key)
-        self.memory[ks] = cfg
-        return cfg
-
-    def _tune(self, launch: Callable[[dict], Any]) -> dict | None:
-        import triton.testing
-
-        best, best_ms = None, math.inf
-        for cfg in self.candidates:
-            try:
-                launch(cfg)  # compile outside the timing
-                ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
-            except Exception:  # noqa: BLE001 - a config that cannot run on this GPU is just skipped
-                continue
-            if ms < best_ms:
-                best, best_ms = cfg, ms
-        return None if best is None else dict(best)
-
-
-def save_tuned(device: torch.device | None = None) -> Path:
-    """Merge every picker's in-memory choices into its section of the per-GPU file; returns the path."""
-    device = device or torch.device("cuda", torch.cuda.current_device())
-    path = tuning.path(device)
-    for name, picker in ConfigPicker.pickers.items():
-        if picker.memory:
-            path = tuning.save(name, picker.memory, device)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Test support: poison fresh outputs so an unwritten element shows up as NaN.
-
-POISON = _env_flag("PGOLF_KERNEL_POISON", False)
-
-
-def new_output(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """torch.empty, or NaN-filled (0xFF for integer dtypes) when ``POISON`` is on (tests)."""
-    if not POISON:
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else 255
-    return torch.full(shape, fill, dtype=dtype, device=device)
-
+# Helpers shared with pgolf.kernels.softcap_ce.
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: full fp32 unless PyTorch itself allows TF32 for fp32 matmuls."""
@@ -168,7 +66,7 @@ def round_for_bf16(x, RNE_BF16: tl.constexpr):
 
 def rne_bf16(dtype: torch.dtype) -> bool:
     """Whether kernels storing ``dtype`` need :func:`round_for_bf16` (interpreter, bf16)."""
-    return INTERPRET and dtype == torch.bfloat16
+    return launcher.INTERPRET and dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,33 +130,22 @@ def _mlp_gemm_kernel(a_ptr, b_ptr, out_ptr, post_ptr, bits_ptr, M, N, K,
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], dpre, mask=tile_ok)
 
 
-# GPU candidates (bf16/fp16 sized; fp32 variants that exceed shared memory are skipped by the tuner).
-_GEMM_CANDIDATES = [
-    dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+# Launch configs (pgolf.kernels.launcher), keys: power-of-two bucket of M (the shape class), N, K, dtype. The first
+# of each list is the default; fp32 (ieee dots on CUDA cores) needs smaller tiles per warp.
+_HALF = [
+    dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BM=64, BN=64, BK=64, GROUP_M=8, num_warps=4, num_stages=3),
 ]
-
-
-def _gemm_default(key: tuple) -> dict:
-    dtype = key[-1]
-    if dtype == "float32":
-        return dict(BM=64, BN=128, BK=32, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
-
-
+_FP32 = [dict(BM=64, BN=128, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
+         dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3)]
 # Interpreter: small tiles so the tiny test shapes span several tiles in every direction.
-GEMM_PICKER = ConfigPicker("mlp_gemm", _GEMM_CANDIDATES, _gemm_default,
-                           dict(BM=16, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=1))
+_INTERPRET = dict(BM=16, BN=32, BK=16, GROUP_M=2, num_warps=4, num_stages=1)
 
-
-def _check_device(t: Tensor) -> None:
-    if t.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("Triton MLP kernels run on CUDA, or on CPU only with TRITON_INTERPRET=1 set before "
-                           "pgolf.kernels.mlp is imported")
+UP_FWD = launcher.Kernel("mlp", "up_fwd", _mlp_gemm_kernel, launcher.by_dtype(_HALF, _FP32), _INTERPRET)
+UP_BWD = launcher.Kernel("mlp", "up_bwd", _mlp_gemm_kernel, launcher.by_dtype(_HALF, _FP32), _INTERPRET)
 
 
 def _launch_gemm(a: Tensor, b_ptr_t: Tensor, b_strides: tuple[int, int], out: Tensor, post: Tensor, bits: Tensor,
@@ -266,30 +153,23 @@ def _launch_gemm(a: Tensor, b_ptr_t: Tensor, b_strides: tuple[int, int], out: Te
     M, K = a.shape
     if M == 0 or N == 0:
         return
-    upcast = INTERPRET and a.dtype == torch.bfloat16
-    prec = dot_precision(a.dtype)
-    m_bucket = tuning.pow2_bucket(M, lo=16, hi=1 << 17)  # autotune keys must not change with every M
-    key = ("fwd" if forward else "bwd", m_bucket, N, K, str(a.dtype).removeprefix("torch."))
-
-    def launch(cfg: dict) -> None:
-        grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
-        _mlp_gemm_kernel[grid](
-            a, b_ptr_t, out, post, bits, M, N, K,
-            a.stride(0), a.stride(1), b_strides[0], b_strides[1], out.stride(0), post.stride(0), bits.stride(0),
-            slope, FORWARD=forward, UPCAST=upcast, DOT_PREC=prec, RNE_BF16=rne_bf16(out.dtype),
-            BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-    launch(GEMM_PICKER.pick(key, a.device, launch))
+    key = dict(m=tuning.pow2_bucket(M, lo=16, hi=1 << 17), n=N, k=K, dtype=launcher.dtype_name(a.dtype))
+    args = (a, b_ptr_t, out, post, bits, M, N, K, a.stride(0), a.stride(1), b_strides[0], b_strides[1],
+            out.stride(0), post.stride(0), bits.stride(0), slope)
+    consts = dict(FORWARD=forward, UPCAST=launcher.upcast_dots(a.dtype), DOT_PREC=dot_precision(a.dtype),
+                  RNE_BF16=rne_bf16(out.dtype))
+    kernel = UP_FWD if forward else UP_BWD
+    kernel.run(lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"]),), args, consts, key=key,
+               device=a.device)
 
 
 def mlp_up_forward(x: Tensor, w1: Tensor, negative_slope: float) -> tuple[Tensor, Tensor]:
     """x: (M, d), w1: (H, d) → (post (M, H) in x.dtype, sign bits (M, ceil(H/8)) uint8)."""
-    _check_device(x)
+    launcher.require_device(x, "MLP kernels")
     M, _ = x.shape
     H = w1.shape[0]
-    post = new_output((M, H), x.dtype, x.device)
-    bits = new_output((M, (H + 7) // 8), torch.uint8, x.device)
+    post = launcher.new_output((M, H), x.dtype, x.device)
+    bits = launcher.new_output((M, (H + 7) // 8), torch.uint8, x.device)
     # B[k, n] = W1[n, k]
     _launch_gemm(x, w1, (w1.stride(1), w1.stride(0)), post, post, bits, H, effective_slope(negative_slope), True)
     return post, bits
@@ -297,10 +177,10 @@ def mlp_up_forward(x: Tensor, w1: Tensor, negative_slope: float) -> tuple[Tensor
 
 def mlp_up_backward(dy: Tensor, w2: Tensor, post: Tensor, bits: Tensor, negative_slope: float) -> Tensor:
     """dy: (M, d), w2: (d, H), post (M, H), bits (M, ceil(H/8)) → dpre (M, H) in dy.dtype."""
-    _check_device(dy)
+    launcher.require_device(dy, "MLP kernels")
     M = dy.shape[0]
     H = w2.shape[1]
-    dpre = new_output((M, H), dy.dtype, dy.device)
+    dpre = launcher.new_output((M, H), dy.dtype, dy.device)
     # B[k, n] = W2[k, n]
     _launch_gemm(dy, w2, (w2.stride(0), w2.stride(1)), dpre, post, bits, H, effective_slope(negative_slope), False)
     return dpre
@@ -372,26 +252,6 @@ def mlp(x: Tensor, w1: Tensor, w2: Tensor, negative_slope: float = 0.5) -> Tenso
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = FusedMLPFunction.apply(x2, w1.to(dt), w2.to(dt), float(negative_slope))
     return y.reshape(*lead, w2.shape[0])
-
-
-RECORD_SHAPES = ((98304, 512, 2048), (16384, 512, 2048), (2048, 512, 2048))  # (M, d, hidden) per GPU
-
-
-def pretune(shapes=RECORD_SHAPES, dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None) -> Path:
-    """Tune the MLP kernels for ``shapes`` on this GPU (forward and backward) and write the per-GPU file.
-
-    Run once per GPU type outside any timed region, e.g.
-    ``python -c "import importlib; importlib.import_module('pgolf.kernels.mlp').pretune()"``. Returns the file.
-    """
-    device = device or torch.device("cuda", torch.cuda.current_device())
-    for M, d, H in shapes:
-        x = torch.randn(M, d, device=device, dtype=dtype, requires_grad=True)
-        w1 = torch.randn(H, d, device=device, dtype=dtype, requires_grad=True)
-        w2 = torch.randn(d, H, device=device, dtype=dtype, requires_grad=True)
-        mlp(x, w1, w2, 0.5).sum().backward()
-        del x, w1, w2
-    torch.cuda.synchronize(device)
-    return save_tuned(device)
 
 
 kernels.register("mlp", "triton", mlp)

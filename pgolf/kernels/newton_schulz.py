@@ -24,10 +24,8 @@ element offsets exceed 2³¹ (strided views of a sparse memory-mapped file).
 
 Dot operands are the working dtype (bf16 on CUDA) with fp32 accumulation; fp32 uses ``input_precision="ieee"``
 to match the fp32 reference. Under ``TRITON_INTERPRET=1`` bf16 tiles are upcast to fp32 before ``tl.dot``
-(the interpreter's bf16 dot is wrong) and one fixed config is used. On a GPU the configs come from the
-per-GPU tuned-config file (:mod:`pgolf.kernels.tuning`, section ``newton_schulz``) when it has the key, else a
-short ``triton.autotune`` list keyed on (p, q, bucketed B); :func:`tuned_configs` returns the picks and
-:func:`save_tuned` writes them into that file.
+(the interpreter's bf16 dot is wrong). Launch configs: the kernels ``newton_schulz.norm_sumsq``, ``.norm_scale``,
+``.gram``, ``.poly`` and ``.update`` of :mod:`pgolf.kernels.launch` (keys: p, q, bucketed B, dtype).
 
 No autograd: Newton-Schulz is an optimizer step (Muon runs it under ``no_grad``); a ``G`` that requires grad
 with grad mode on raises. Registered as the custom op ``pgolf::newton_schulz`` (with a fake), so
@@ -36,8 +34,6 @@ with grad mode on raises. Registered as the custom op ``pgolf::newton_schulz`` (
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -46,19 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 import pgolf.kernels
-from pgolf.kernels import tuning
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-POISON = os.environ.get("PGOLF_KERNELS_POISON", "0") not in ("", "0")
-"""Fill every buffer the launcher allocates with NaN (tests set this to catch unwritten tiles)."""
-
-# Fixed configs: interpreter (small tiles keep the numpy emulation fast) and a GPU default used as a fallback.
-INTERPRET_CONFIG = {
-    "norm": dict(BLOCK_M=64, BLOCK_N=64),
-    "sym": dict(BLOCK=64, BK=64),
-    "update": dict(BM=64, BN=64, BK=64),
-}
-GPU_NORM_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)
+from pgolf.kernels import launcher, tuning
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -104,7 +88,7 @@ def _ns_scale_kernel(g_ptr, part_ptr, x_ptr, M, N, stride_gb, stride_gm, stride_
 
 @triton.jit
 def _ns_gram_kernel(x_ptr, a_ptr, P_, Q_, stride_xb, stride_xr, stride_xc, stride_ab, stride_ar, stride_ac,
-                    B_BUCKET, BLOCK: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """A[b] = X[b] X[b]ᵀ for the wide view X[b]: (P_, Q_) (strides r, c); lower tiles + mirror."""
     # lower-triangular tile t = i(i+1)/2 + j, j <= i (float sqrt, then fix a possible off-by-one)
     t = tl.program_id(0)
@@ -146,7 +130,7 @@ def _ns_gram_kernel(x_ptr, a_ptr, P_, Q_, stride_xb, stride_xr, stride_xc, strid
 
 @triton.jit
 def _ns_poly_kernel(a_ptr, m_ptr, P_, stride_ab, stride_ar, stride_ac, stride_mb, stride_mr, stride_mc,
-                    coef_b, coef_c, B_BUCKET, BLOCK: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                    coef_b, coef_c, BLOCK: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
                     IEEE: tl.constexpr):
     """Bm[b] = coef_b·A[b] + coef_c·A[b]² for symmetric A (P_×P_); lower tiles + mirror."""
     # lower-triangular tile t = i(i+1)/2 + j, j <= i (float sqrt, then fix a possible off-by-one)
@@ -191,7 +175,7 @@ def _ns_poly_kernel(a_ptr, m_ptr, P_, stride_ab, stride_ar, stride_ac, stride_mb
 
 @triton.jit
 def _ns_update_kernel(m_ptr, x_ptr, y_ptr, P_, Q_, stride_mb, stride_mr, stride_mc, stride_xb, stride_xr,
-                      stride_xc, stride_yb, stride_yr, stride_yc, coef_a, B_BUCKET, BM: tl.constexpr,
+                      stride_xc, stride_yb, stride_yr, stride_yc, coef_a, BM: tl.constexpr,
                       BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Y[b] = coef_a·X[b] + Bm[b]·X[b]; X, Y: wide views (P_, Q_), Bm: (P_, P_)."""
     pid = tl.program_id(0)
@@ -230,80 +214,41 @@ def _ns_update_kernel(m_ptr, x_ptr, y_ptr, P_, Q_, stride_mb, stride_mr, stride_
 
 
 # ------------------------------------------------------------------------------------------------------------
-# configs: interpreter fixed, tuned JSON, or a short autotune list
+# launch configs (pgolf.kernels.launch), keys: p, q of the wide view, power-of-two bucket of the batch, dtype
 
-def _cfg(num_warps, num_stages, **kw):
-    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
-
-
-SYM_CONFIGS = [
-    _cfg(4, 3, BLOCK=64, BK=64),
-    _cfg(4, 4, BLOCK=64, BK=32),
-    _cfg(8, 3, BLOCK=128, BK=64),
-    _cfg(8, 4, BLOCK=128, BK=32),
-]
-UPDATE_CONFIGS = [
-    _cfg(4, 3, BM=64, BN=64, BK=64),
-    _cfg(4, 4, BM=64, BN=128, BK=64),
-    _cfg(8, 3, BM=128, BN=128, BK=64),
-    _cfg(8, 4, BM=128, BN=64, BK=32),
-    _cfg(8, 3, BM=128, BN=256, BK=32),
-]
-_KEY = ["P_", "B_BUCKET"]
-if not INTERPRET:
-    _gram_tuned = triton.autotune(SYM_CONFIGS, key=_KEY + ["Q_"])(_ns_gram_kernel)
-    _poly_tuned = triton.autotune(SYM_CONFIGS, key=_KEY)(_ns_poly_kernel)
-    _update_tuned = triton.autotune(UPDATE_CONFIGS, key=_KEY + ["Q_"])(_ns_update_kernel)
-else:  # autotune cannot run under the interpreter (it benchmarks)
-    _gram_tuned = _poly_tuned = _update_tuned = None
-
-_CHOSEN: dict[str, dict] = {}
+def _cfg(num_warps: int, num_stages: int, **tiles) -> dict:
+    return dict(tiles, num_warps=num_warps, num_stages=num_stages)
 
 
-def tuned_configs() -> dict:
-    """{'newton_schulz': {key: config}} of the autotuner picks made in this process (for the per-GPU file)."""
-    return {"newton_schulz": dict(_CHOSEN)}
+# The first of each list is the default; fp32 (ieee dots on CUDA cores) needs smaller tiles per warp.
+SYM_CONFIGS = dict(half=[_cfg(8, 3, BLOCK=128, BK=64), _cfg(4, 3, BLOCK=64, BK=64), _cfg(4, 4, BLOCK=64, BK=32),
+                         _cfg(8, 4, BLOCK=128, BK=32)],
+                   float32=[_cfg(4, 3, BLOCK=64, BK=32), _cfg(4, 3, BLOCK=32, BK=32)])
+UPDATE_CONFIGS = dict(half=[_cfg(8, 3, BM=128, BN=128, BK=64), _cfg(4, 3, BM=64, BN=64, BK=64),
+                            _cfg(4, 4, BM=64, BN=128, BK=64), _cfg(8, 4, BM=128, BN=64, BK=32),
+                            _cfg(8, 3, BM=128, BN=256, BK=32)],
+                      float32=[_cfg(4, 3, BM=64, BN=64, BK=32), _cfg(4, 3, BM=32, BN=64, BK=32)])
+NORM = _cfg(4, 3, BLOCK_M=64, BLOCK_N=128)  # the sum of squares and the scale share one tiling
+# Interpreter: small tiles keep the numpy emulation fast.
+_INTERPRET = {"norm": dict(BLOCK_M=64, BLOCK_N=64), "sym": dict(BLOCK=64, BK=64), "update": dict(BM=64, BN=64, BK=64)}
 
-
-def save_tuned(gpu: str | None = None) -> Path:
-    """Merge this process's autotuner picks into section 'newton_schulz' of the per-GPU file
-    (:mod:`pgolf.kernels.tuning`; ``gpu``: a slug, default the current device). Run the benchmarks on the GPU
-    first; later processes then launch those configs untuned."""
-    return tuning.save("newton_schulz", _CHOSEN, gpu)
-
-
-def _launch(raw, tuned, name: str, key: str, grid, args: tuple, consts: dict, fixed: dict,
-            override: dict | None) -> None:
-    """Launch ``raw`` with an overridden / interpreter / tuned-JSON config, else the autotuned wrapper."""
-    cfg = override if override is not None else (fixed if INTERPRET else None)
-    if cfg is None:
-        cfg = tuning.load("newton_schulz").get(f"{name}|{key}")
-    if cfg is not None:
-        raw[grid(cfg)](*args, **cfg, **consts)
-        return
-    tuned[grid](*args, **consts)
-    best = getattr(tuned, "best_config", None)
-    if best is not None:
-        _CHOSEN[f"{name}|{key}"] = tuning.config_dict(best)
+NORM_SUMSQ = launcher.Kernel("newton_schulz", "norm_sumsq", _ns_sumsq_kernel, [NORM], _INTERPRET["norm"])
+NORM_SCALE = launcher.Kernel("newton_schulz", "norm_scale", _ns_scale_kernel, [NORM], _INTERPRET["norm"])
+GRAM = launcher.Kernel("newton_schulz", "gram", _ns_gram_kernel, launcher.by_dtype(**SYM_CONFIGS), _INTERPRET["sym"])
+POLY = launcher.Kernel("newton_schulz", "poly", _ns_poly_kernel, launcher.by_dtype(**SYM_CONFIGS), _INTERPRET["sym"])
+UPDATE = launcher.Kernel("newton_schulz", "update", _ns_update_kernel, launcher.by_dtype(**UPDATE_CONFIGS),
+                         _INTERPRET["update"])
 
 
 # ------------------------------------------------------------------------------------------------------------
 # launcher
-
-def _alloc(shape, dtype, device) -> Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
 
 def _check(G: Tensor, coefficients, steps: int, dtype: torch.dtype) -> None:
     if G.dim() not in (2, 3):
         raise ValueError(f"newton_schulz expects G of shape (m, n) or (B, m, n), got {tuple(G.shape)}")
     if not (G.is_floating_point() and dtype in (torch.float32, torch.float16, torch.bfloat16)):
         raise TypeError(f"newton_schulz needs a floating G and dtype in fp32/fp16/bf16; got {G.dtype} → {dtype}")
-    if G.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(f"the Triton newton_schulz runs on CUDA (or on CPU with TRITON_INTERPRET=1 set before "
-                           f"import); G is on {G.device}")
+    launcher.require_device(G, "newton_schulz")
     if int(steps) < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if len(coefficients) == 0:
@@ -321,7 +266,7 @@ def launch(G: Tensor, coefficients: Sequence[Sequence[float]], steps: int = 5, e
     G3 = G.unsqueeze(0) if G.dim() == 2 else G
     B, m, n = G3.shape
     dev = G.device
-    out = _alloc((B, m, n), dtype, dev)
+    out = launcher.new_output((B, m, n), dtype, dev)
     if B * m * n == 0:
         return out.view(G.shape)
     tall = m > n
@@ -331,29 +276,27 @@ def launch(G: Tensor, coefficients: Sequence[Sequence[float]], steps: int = 5, e
         s = t.stride()
         return (s[0], s[2], s[1]) if tall else (s[0], s[1], s[2])
 
-    upcast = INTERPRET and dtype == torch.bfloat16
+    upcast = launcher.upcast_dots(dtype)
     ieee = dtype == torch.float32
-    bb = tuning.pow2_bucket(B)
     steps = int(steps)
-    bufs = [out, _alloc((B, m, n), dtype, dev) if steps > 0 else out]
+    bufs = [out, launcher.new_output((B, m, n), dtype, dev) if steps > 0 else out]
     cur = steps % 2  # the last step lands in bufs[0] = out
+    key = dict(p=p, q=q, b=tuning.pow2_bucket(B), dtype=launcher.dtype_name(dtype))
 
-    # 1. Frobenius normalization into bufs[cur]
-    ncfg = config.get("norm") or (INTERPRET_CONFIG["norm"] if INTERPRET else GPU_NORM_CONFIG)
-    bm_, bn_ = ncfg["BLOCK_M"], ncfg["BLOCK_N"]
-    n_tiles = triton.cdiv(m, bm_) * triton.cdiv(n, bn_)
-    part = _alloc((B, n_tiles), torch.float32, dev)
-    launch_kw = {k: v for k, v in ncfg.items() if k in ("num_warps", "num_stages")}
-    _ns_sumsq_kernel[(n_tiles, B)](G3, bufs[cur], part, m, n, *G3.stride(), n_tiles, BLOCK_M=bm_, BLOCK_N=bn_,
-                                   **launch_kw)
-    _ns_scale_kernel[(n_tiles, B)](G3, part, bufs[cur], m, n, *G3.stride(), *bufs[cur].stride(), n_tiles,
-                                   float(eps), P_POW2=triton.next_power_of_2(n_tiles), BLOCK_M=bm_, BLOCK_N=bn_,
-                                   **launch_kw)
+    # 1. Frobenius normalization into bufs[cur]: per-tile partial sums, then the scale (one tiling for both)
+    ncfg = config.get("norm") or NORM_SUMSQ.pick(key, dev)
+    n_tiles = triton.cdiv(m, ncfg["BLOCK_M"]) * triton.cdiv(n, ncfg["BLOCK_N"])
+    part = launcher.new_output((B, n_tiles), torch.float32, dev)
+    NORM_SUMSQ.run(lambda c: (n_tiles, B), (G3, bufs[cur], part, m, n, *G3.stride(), n_tiles), key=key, device=dev,
+                   config=ncfg)
+    NORM_SCALE.run(lambda c: (n_tiles, B), (G3, part, bufs[cur], m, n, *G3.stride(), *bufs[cur].stride(), n_tiles,
+                                            float(eps)),
+                   dict(P_POW2=triton.next_power_of_2(n_tiles)), key=key, device=dev, config=ncfg)
     if steps == 0:
         return out.view(G.shape)
 
-    A = _alloc((B, p, p), dtype, dev)
-    Bm = _alloc((B, p, p), dtype, dev)
+    A = launcher.new_output((B, p, p), dtype, dev)
+    Bm = launcher.new_output((B, p, p), dtype, dev)
 
     def sym_grid(meta):
         t = triton.cdiv(p, meta["BLOCK"])
@@ -362,21 +305,17 @@ def launch(G: Tensor, coefficients: Sequence[Sequence[float]], steps: int = 5, e
     def upd_grid(meta):
         return (triton.cdiv(p, meta["BM"]) * triton.cdiv(q, meta["BN"]), B)
 
-    key = f"p={p},q={q},b={bb},{str(dtype).removeprefix('torch.')}"
     consts = dict(UPCAST=upcast, IEEE=ieee)
     sym_cfg, upd_cfg = config.get("sym"), config.get("update")
     for k in range(steps):
         a, b, c = coeffs[min(k, len(coeffs) - 1)]
         X, Y = bufs[cur], bufs[1 - cur]
         # A = X Xᵀ;  Bm = b·A + c·A²;  Y = a·X + Bm·X
-        _launch(_ns_gram_kernel, _gram_tuned, "gram", key, sym_grid,
-                (X, A, p, q, *wide(X), *A.stride(), bb), consts, INTERPRET_CONFIG["sym"], sym_cfg)
-        _launch(_ns_poly_kernel, _poly_tuned, "poly", key, sym_grid,
-                (A, Bm, p, *A.stride(), *Bm.stride(), float(b), float(c), bb), consts, INTERPRET_CONFIG["sym"],
-                sym_cfg)
-        _launch(_ns_update_kernel, _update_tuned, "update", key, upd_grid,
-                (Bm, X, Y, p, q, *Bm.stride(), *wide(X), *wide(Y), float(a), bb), consts,
-                INTERPRET_CONFIG["update"], upd_cfg)
+        GRAM.run(sym_grid, (X, A, p, q, *wide(X), *A.stride()), consts, key=key, device=dev, config=sym_cfg)
+        POLY.run(sym_grid, (A, Bm, p, *A.stride(), *Bm.stride(), float(b), float(c)), consts, key=key, device=dev,
+                 config=sym_cfg)
+        UPDATE.run(upd_grid, (Bm, X, Y, p, q, *Bm.stride(), *wide(X), *wide(Y), float(a)), consts, key=key,
+                   device=dev, config=upd_cfg)
         cur = 1 - cur
     assert cur == 0
     return out.view(G.shape)

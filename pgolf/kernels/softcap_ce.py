@@ -24,9 +24,8 @@ fp32 losses out.
   ~N×V fewer bytes of activation memory (at N = 98,304, V = 8192: the 1.6 GB bf16 logits plus their gradient).
 With ``PGOLF_CE_FUSED_HEAD=0`` it is ``F.linear`` followed by the softcap_ce kernel (z kept for backward).
 
-Launch configs (BLOCK_R, BLOCK_V, warps) come from :class:`pgolf.kernels.mlp.ConfigPicker` (fixed under the
-interpreter; on CUDA sections ``softcap_ce_fwd`` / ``softcap_ce_bwd`` of the per-GPU tuned-config file of
-:mod:`pgolf.kernels.tuning`, else tuning); :func:`pretune` fills the file for the record shapes.
+Launch configs (BLOCK_R, BLOCK_V, warps): the kernels ``softcap_ce.fwd`` and ``softcap_ce.bwd`` of
+:mod:`pgolf.kernels.launch` (keys: vocabulary size, dtype).
 
 Both are ``torch.library.custom_op``s (``pgolf::softcap_ce_fwd/_bwd``, ``pgolf::lm_head_loss_fwd/_bwd``) with
 fake implementations, wrapped in autograd.Functions, so they trace under ``torch.compile(fullgraph=True)``.
@@ -44,16 +43,15 @@ import triton.language as tl
 from torch import Tensor
 
 from pgolf import kernels
-from pgolf.kernels import reference
+from pgolf.kernels import launcher, reference
 
-# shared launch-config and poison helpers (``from pgolf.kernels import mlp`` gives the dispatch function)
+# kernel helpers shared with the MLP (``from pgolf.kernels import mlp`` gives the dispatch function)
 _m = importlib.import_module("pgolf.kernels.mlp")
-ConfigPicker, new_output, _env_flag = _m.ConfigPicker, _m.new_output, _m._env_flag
 round_for_bf16, rne_bf16 = _m.round_for_bf16, _m.rne_bf16
-INTERPRET = _m.INTERPRET
 SUPPORTED_DTYPES = _m.SUPPORTED_DTYPES
+new_output = launcher.new_output
 
-FUSED_HEAD = _env_flag("PGOLF_CE_FUSED_HEAD", True)
+FUSED_HEAD = launcher.env_flag("PGOLF_CE_FUSED_HEAD", True)
 CHUNK_ELEMS = int(os.environ.get("PGOLF_CE_CHUNK_ELEMS", str(1 << 26)))
 
 
@@ -134,27 +132,26 @@ def _ce_bwd_kernel(z_ptr, t_ptr, stats_ptr, g_ptr, dz_ptr, N, V, stride_zm, stri
         tl.store(dz_rows[:, None] + c[None, :], round_for_bf16(dz, RNE_BF16).to(dz_ptr.dtype.element_ty), mask=ok)
 
 
-_CE_CANDIDATES = [dict(BLOCK_R=r, BLOCK_V=b, num_warps=w)
-                  for r, b, w in ((1, 1024, 4), (1, 2048, 4), (1, 2048, 8), (1, 4096, 8), (1, 8192, 16), (2, 2048, 8),
-                                  (4, 1024, 8))]
-
-
-def _ce_default(key: tuple) -> dict:
-    V = key[1]
-    b = min(4096, triton.next_power_of_2(V))
-    return dict(BLOCK_R=1, BLOCK_V=b, num_warps=8 if b >= 2048 else 4)
-
-
+# Launch configs (pgolf.kernels.launch), keys: vocabulary size and dtype.
+_CANDIDATES = [dict(BLOCK_R=r, BLOCK_V=b, num_warps=w, num_stages=3)
+               for r, b, w in ((1, 1024, 4), (1, 2048, 4), (1, 2048, 8), (1, 4096, 8), (1, 4096, 16), (2, 2048, 8),
+                               (4, 1024, 8))]
 # Interpreter: 16 rows x 32 columns per step (few programs: the interpreter's cost is per op, not per element),
 # so small test vocabularies (97, 129) still take several masked chunks per row.
-CE_FWD_PICKER = ConfigPicker("softcap_ce_fwd", _CE_CANDIDATES, _ce_default, dict(BLOCK_R=16, BLOCK_V=32, num_warps=4))
-CE_BWD_PICKER = ConfigPicker("softcap_ce_bwd", _CE_CANDIDATES, _ce_default, dict(BLOCK_R=16, BLOCK_V=32, num_warps=4))
+_INTERPRET = dict(BLOCK_R=16, BLOCK_V=32, num_warps=4, num_stages=1)
+
+
+def _default(key: dict) -> dict:
+    b = min(4096, triton.next_power_of_2(key["v"]))
+    return dict(BLOCK_R=1, BLOCK_V=b, num_warps=8 if b >= 2048 else 4, num_stages=3)
+
+
+CE_FWD = launcher.Kernel("softcap_ce", "fwd", _ce_fwd_kernel, _CANDIDATES, _INTERPRET, _default)
+CE_BWD = launcher.Kernel("softcap_ce", "bwd", _ce_bwd_kernel, _CANDIDATES, _INTERPRET, _default)
 
 
 def _check(z: Tensor, targets: Tensor) -> None:
-    if z.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("Triton CE kernels run on CUDA, or on CPU only with TRITON_INTERPRET=1 set before "
-                           "pgolf.kernels.softcap_ce is imported")
+    launcher.require_device(z, "CE kernels")
     if z.ndim != 2 or targets.shape != z.shape[:1]:
         raise ValueError(f"softcap_ce expects z (N, V) and targets (N,), got {tuple(z.shape)} and "
                          f"{tuple(targets.shape)}")
@@ -167,14 +164,9 @@ def ce_forward_into(z: Tensor, targets: Tensor, cap: float, loss: Tensor, stats:
     N, V = z.shape
     if N == 0:
         return
-    key = ("fwd", V, str(z.dtype).removeprefix("torch."))
-
-    def launch(cfg: dict) -> None:
-        _ce_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_R"]),)](
-            z, targets, loss, stats, N, V, z.stride(0), float(cap), 1.0 / float(cap),
-            BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"])
-
-    launch(CE_FWD_PICKER.pick(key, z.device, launch))
+    args = (z, targets, loss, stats, N, V, z.stride(0), float(cap), 1.0 / float(cap))
+    CE_FWD.run(lambda c: (triton.cdiv(N, c["BLOCK_R"]),), args, key=dict(v=V, dtype=launcher.dtype_name(z.dtype)),
+               device=z.device)
 
 
 def ce_backward_into(z: Tensor, targets: Tensor, stats: Tensor, g: Tensor, cap: float, dz: Tensor) -> None:
@@ -183,21 +175,13 @@ def ce_backward_into(z: Tensor, targets: Tensor, stats: Tensor, g: Tensor, cap: 
     N, V = z.shape
     if N == 0:
         return
-    key = ("bwd", V, str(z.dtype).removeprefix("torch."))
+    def args(out: Tensor) -> tuple:
+        return (z, targets, stats, g, out, N, V, z.stride(0), out.stride(0), g.stride(0), float(cap), 1.0 / float(cap))
 
-    def launch(cfg: dict, out: Tensor) -> None:
-        _ce_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_R"]),)](
-            z, targets, stats, g, out, N, V, z.stride(0), out.stride(0), g.stride(0), float(cap), 1.0 / float(cap),
-            BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], RNE_BF16=rne_bf16(out.dtype), num_warps=cfg["num_warps"])
-
-    scratch: list[Tensor] = []
-
-    def bench(cfg: dict) -> None:  # only called when tuning; never writes over z (dz may alias it)
-        if not scratch:
-            scratch.append(torch.empty_like(z))
-        launch(cfg, scratch[0])
-
-    launch(CE_BWD_PICKER.pick(key, z.device, bench), dz)
+    # tuning times launches into a scratch buffer: dz may alias z, and a second launch would read dz as z
+    CE_BWD.run(lambda c: (triton.cdiv(N, c["BLOCK_R"]),), args(dz), dict(RNE_BF16=rne_bf16(dz.dtype)),
+               key=dict(v=V, dtype=launcher.dtype_name(z.dtype)), device=z.device,
+               bench_args=lambda: args(torch.empty_like(z)))
 
 
 def softcap_ce_forward(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
@@ -395,27 +379,6 @@ def lm_head_loss(h: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Tens
     if not FUSED_HEAD:
         return softcap_ce(F.linear(h, weight.to(h.dtype)), targets, cap)
     return LMHeadLossFunction.apply(h.contiguous(), weight, targets.contiguous(), float(cap))
-
-
-RECORD_SHAPES = ((98304, 8192, 512), (16384, 8192, 512), (2048, 8192, 512))  # (N, V, d) per GPU
-
-
-def pretune(shapes=RECORD_SHAPES, dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None):
-    """Tune the CE kernels (plain and fused-head use) for ``shapes`` on this GPU and write the per-GPU file.
-
-    Run once per GPU type outside any timed region (see :func:`pgolf.kernels.mlp.pretune`). Returns the file.
-    """
-    device = device or torch.device("cuda", torch.cuda.current_device())
-    for N, V, d in shapes:
-        h = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)
-        w = torch.randn(V, d, device=device, requires_grad=True)
-        t = torch.randint(0, V, (N,), device=device)
-        lm_head_loss(h, w, t, 30.0).mean().backward()
-        z = torch.randn(N, V, device=device, dtype=dtype, requires_grad=True)
-        softcap_ce(z, t, 30.0).mean().backward()
-        del h, w, z
-    torch.cuda.synchronize(device)
-    return _m.save_tuned(device)
 
 
 kernels.register("softcap_ce", "triton", softcap_ce)

@@ -6,17 +6,18 @@ benchmarking picked on one GPU type, for every op module that tunes. It lives at
 the CUDA device name lowercased with every run of other characters turned into ``_`` (``NVIDIA H200`` →
 ``nvidia_h200``). Layout::
 
-    {"gpu": "NVIDIA H200", "triton": "3.4.0",
-     "ops": {"newton_schulz": {"gram|p=512,q=512,b=32,bfloat16": {"BLOCK": 128, "BK": 64, "num_warps": 8, ...}},
-             "int6_matmul": {...}, "mlp_gemm": {...}, "xsa_attention": {...}}}
+    {"gpu": "NVIDIA H200", "triton": "3.6.0",
+     "ops": {"newton_schulz": {"gram|p=512,q=512,b=32,dtype=bfloat16": {"BLOCK": 128, "BK": 64, "num_warps": 8,
+                                                                         "num_stages": 3}},
+             "mlp": {...}, "softcap_ce": {...}, "attention": {...}, "int6_matmul": {...}}}
 
-Each op owns its section and its own key format; :func:`save` merges new entries into one op's section and
-leaves every other section as it was (the file is re-read from disk first, and replaced atomically under a
-lock), so op modules can save into the same file in any order. On a GPU an op launches the config its
-section has for the shape; only when the file has no entry does it tune (``triton.autotune`` or its own
-benchmark), so **a timed run never tunes when the file has an entry**. Under ``TRITON_INTERPRET=1`` the op
-modules use fixed configs and never read the file. Fill the file once per GPU type, outside any timed run,
-with the ops' ``pretune`` / ``tune`` functions or their ``save_tuned`` after running the benchmarks.
+A section per op, an entry ``"<kernel>|<key>"`` per tuned shape class (:mod:`pgolf.kernels.launch` chooses and
+tunes the configs; this module only reads and writes the file). :func:`save` merges new entries into one op's
+section and leaves every other section as it was (the file is re-read from disk first, and replaced atomically
+under a lock), so ops and ranks can save into the same file in any order. On a GPU a kernel launches the config
+its section has for the shape; only when the file has no entry does it tune, so **a run never tunes when the
+file has an entry**. Under ``TRITON_INTERPRET=1`` the file is never read. Fill it once per GPU type, outside any
+timed run, with ``pgolf-bench tune`` (or ``make gpu-check``, which tunes while it benchmarks).
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ def save(op: str, entries: dict, gpu: str | torch.device | int | None = None) ->
     return p
 
 
+def files() -> dict[str, dict]:
+    """Every tuned-config file of the folder, parsed: {gpu slug: file}."""
+    folder = tuned_dir()
+    return {p.stem: _read(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
 def clear_cache() -> None:
     """Forget the files read so far (the next :func:`load` reads from disk)."""
     _FILES.clear()
@@ -124,12 +131,6 @@ def pow2_bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
     """``n`` rounded up to a power of two, clamped to [lo, hi] (tuning keys must not change with every size)."""
     b = max(lo, 1 << max(0, int(n) - 1).bit_length())
     return b if hi is None else min(hi, b)
-
-
-def config_dict(cfg: triton.Config) -> dict:
-    """A ``triton.Config`` (e.g. an autotuner's ``best_config``) as a file entry: its kwargs plus
-    ``num_warps`` and ``num_stages``."""
-    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 @contextmanager

@@ -31,11 +31,8 @@ Design
      group, recomputing Pᵀ from the saved log-sum-exp, so dK/dV of a KV head are summed over its query heads
      without races; adds dv_xsa at the end.
   3. ``_attn_bwd_dq`` per (query tile, KV head), like the forward.
-* **Launch configs.** Under ``TRITON_INTERPRET=1`` one fixed config per kernel (:data:`INTERPRET_CONFIGS`).
-  On a GPU: a config from section ``xsa_attention`` of the per-GPU tuned-config file
-  (:mod:`pgolf.kernels.tuning`; keys ``<kernel>|<shape key>``, or ``<kernel>|default``) when it has the key
-  (so a timed run never tunes), else ``triton.autotune`` over a short list keyed by (power-of-two bucket of T,
-  D, G, dtype). :func:`save_tuned` writes the configs chosen so far to that file, :func:`tune` fills it.
+* **Launch configs.** The kernels ``attention.fwd``, ``.pre``, ``.dkdv`` and ``.dq`` of :mod:`pgolf.kernels.launch`
+  (keys: power-of-two bucket of T, D, G, dtype, XSA, documents).
 * **Integration.** ``torch.library.custom_op`` ops ``pgolf::xsa_attention_fwd`` / ``pgolf::xsa_attention_bwd``
   with fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces the call as one node.
 
@@ -44,22 +41,17 @@ use ``input_precision="ieee"`` everywhere so fp32 results are true fp32).
 """
 
 import math
-import os
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from pgolf.kernels import tuning
+from pgolf.kernels import launcher, tuning
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-# Fill every output and intermediate buffer with NaN before the launches (tests), so an unwritten tile shows.
-POISON = os.environ.get("PGOLF_KERNELS_POISON", "0") == "1"
 
 # ----------------------------------------------------------------------------------------------------------------
 # kernels
@@ -95,7 +87,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, tq, ds_ro
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, XC, DS,
               sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
-              T, Hq, Hkv, qk_scale, T_KEY,
+              T, Hq, Hkv, qk_scale,
               D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_DOCS: tl.constexpr, XSA: tl.constexpr, PREC: tl.constexpr):
     TOK: tl.constexpr = BLOCK_M // G
@@ -236,7 +228,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_t, sq_h,
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DVX, DK, DV, DE,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
                    sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
-                   T, Hq, Hkv, qk_scale, sm_scale, T_KEY,
+                   T, Hq, Hkv, qk_scale, sm_scale,
                    D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_DOCS: tl.constexpr, XSA: tl.constexpr, PREC: tl.constexpr):
     TOK: tl.constexpr = BLOCK_M // G
@@ -312,7 +304,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, tq, d
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DS,
                  sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h,
-                 T, Hq, Hkv, qk_scale, sm_scale, T_KEY,
+                 T, Hq, Hkv, qk_scale, sm_scale,
                  D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_DOCS: tl.constexpr, PREC: tl.constexpr):
     TOK: tl.constexpr = BLOCK_M // G
@@ -364,73 +356,49 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DS,
 # ----------------------------------------------------------------------------------------------------------------
 # launch configurations
 
-# Under the interpreter: one fixed config per kernel (small tiles, so tests of a few dozen tokens cross several).
-INTERPRET_CONFIGS: dict[str, dict] = {
-    "fwd": dict(BLOCK_M=32, BLOCK_N=16),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=16),
-    "dq": dict(BLOCK_M=32, BLOCK_N=16),
-    "pre": dict(BLOCK_T=32),
+# Launch configs (pgolf.kernels.launcher), keys: T bucketed to a power of two, head dim, GQA group, dtype, XSA,
+# documents. A config is (BLOCK_M rows = tokens·G, BLOCK_N keys, num_warps, num_stages); "pre" tiles BLOCK_T
+# tokens. The first of each list is the default; fp32 (ieee dots on CUDA cores) needs smaller tiles per warp to
+# stay within 255 registers.
+def _configs(tiles: list[tuple[int, int, int, int]]) -> list[dict]:
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in tiles]
+
+
+_HALF_CONFIGS = {
+    "fwd": _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                     (64, 128, 4, 3)]),
+    "dkdv": _configs([(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)]),
+    "dq": _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]),
+    "pre": [dict(BLOCK_T=64, num_warps=4, num_stages=1)],
 }
-# GPU candidates: (BLOCK_M rows = tokens·G, BLOCK_N keys, num_warps, num_stages).
-GPU_CANDIDATES: dict[str, list[tuple[int, int, int, int]]] = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
-    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3)],
-    "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+_FP32_CONFIGS = {
+    "fwd": _configs([(64, 32, 8, 2), (32, 32, 4, 2)]),
+    "dkdv": _configs([(32, 32, 8, 2), (16, 32, 4, 2)]),
+    "dq": _configs([(64, 32, 8, 2), (32, 32, 4, 2)]),
+    "pre": [dict(BLOCK_T=32, num_warps=4, num_stages=1)],
 }
-GPU_DEFAULTS: dict[str, dict] = {"pre": dict(BLOCK_T=64, num_warps=4, num_stages=1)}
-_KERNELS: dict[str, Callable] = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_pre}
-_AUTOTUNED: dict[str, object] = {}
-_CHOSEN: dict[str, dict] = {}  # "<kernel>|<key>" → config picked by autotune in this process
-_RETUNING = False  # set by tune(): ignore the tuned-config file
+# Under the interpreter: small tiles, so tests of a few dozen tokens cross several.
+_INTERPRET = {"fwd": dict(BLOCK_M=32, BLOCK_N=16), "dkdv": dict(BLOCK_M=32, BLOCK_N=16),
+              "dq": dict(BLOCK_M=32, BLOCK_N=16), "pre": dict(BLOCK_T=32)}
 
 
-def _tuned(kind: str, key: str, device: torch.device) -> dict | None:
-    """The tuned-config file's entry for kernel ``kind`` and ``key`` on ``device`` (None while :func:`tune` runs)."""
-    return None if _RETUNING else tuning.load("xsa_attention", device).get(f"{kind}|{key}")
+def _declare(name: str, fn) -> launcher.Kernel:
+    return launcher.Kernel("attention", name, fn, launcher.by_dtype(_HALF_CONFIGS[name], _FP32_CONFIGS[name]),
+                           _INTERPRET[name])
 
 
-def _config_key(T: int, D: int, G: int, dtype: torch.dtype, xsa: bool, docs: bool) -> str:
-    return f"T{tuning.pow2_bucket(T)}_D{D}_G{G}_{str(dtype).removeprefix('torch.')}_xsa{int(xsa)}_docs{int(docs)}"
-
-
-def _autotuned(kind: str):
-    if kind not in _AUTOTUNED:
-        configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
-                   for m, n, w, st in GPU_CANDIDATES[kind]]
-        key = ["T_KEY", "D", "G", "HAS_DOCS"] + (["XSA"] if kind != "dq" else [])
-        _AUTOTUNED[kind] = triton.autotune(configs=configs, key=key)(_KERNELS[kind])
-    return _AUTOTUNED[kind]
-
-
-def _launch(kind: str, grid: Callable[[dict], tuple], args: tuple, meta: dict, key: str, device: torch.device):
-    """Launch ``kind`` with the interpreter's fixed config, a tuned config from file, or autotune."""
-    kernel = _KERNELS[kind]
-    if _INTERPRET or device.type != "cuda":
-        cfg = dict(INTERPRET_CONFIGS[kind])
-        kernel[grid(cfg)](*args, **meta, **cfg)
-        return
-    if kind == "pre":
-        cfg = dict(GPU_DEFAULTS["pre"])
-        cfg.update(_tuned("pre", key, device) or {})
-        kernel[grid(cfg)](*args, **meta, **cfg)
-        return
-    cfg = _tuned(kind, key, device) or _tuned(kind, "default", device)
-    if cfg is not None:
-        kernel[grid(cfg)](*args, **meta, **cfg)
-        return
-    tuner = _autotuned(kind)
-    tuner[grid](*args, **meta)
-    _CHOSEN[f"{kind}|{key}"] = tuning.config_dict(tuner.best_config)
-
-
-def save_tuned(gpu: str | None = None) -> Path:
-    """Merge the configs autotune picked in this process into section 'xsa_attention' of the per-GPU file
-    (:mod:`pgolf.kernels.tuning`; ``gpu``: a slug, default the current device); returns its path."""
-    return tuning.save("xsa_attention", _CHOSEN, gpu)
+FWD = _declare("fwd", _attn_fwd)
+BWD_PRE = _declare("pre", _attn_bwd_pre)
+BWD_DKDV = _declare("dkdv", _attn_bwd_dkdv)
+BWD_DQ = _declare("dq", _attn_bwd_dq)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # host side
+
+
+def _config_key(T: int, D: int, G: int, dtype: torch.dtype, xsa: bool, docs: bool) -> dict:
+    return dict(t=tuning.pow2_bucket(T), d=D, g=G, dtype=launcher.dtype_name(dtype), xsa=int(xsa), docs=int(docs))
 
 
 def doc_bounds(cu_seqlens: Tensor, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -464,12 +432,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]) -> Non
         raise ValueError(f"packed attention (cu_seqlens given) needs batch size 1, got q of shape {tuple(q.shape)}")
 
 
-def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _last_contig(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -479,19 +441,19 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], xsa:
     Hkv = k.shape[2]
     G = Hq // Hkv
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
-    out = _alloc((B, T, Hq, D), q.dtype, q.device)
-    lse = _alloc((B, T, Hq), torch.float32, q.device)
-    xc = _alloc((B, T, Hq) if xsa else (0,), torch.float32, q.device)
+    out = launcher.new_output((B, T, Hq, D), q.dtype, q.device)
+    lse = launcher.new_output((B, T, Hq), torch.float32, q.device)
+    xc = launcher.new_output((B, T, Hq) if xsa else (0,), torch.float32, q.device)
     if T == 0 or B == 0:
         return out, lse, xc
     has_docs = cu_seqlens is not None
     ds = doc_bounds(cu_seqlens, T, q.device)[0] if has_docs else lse
     sm_scale = 1.0 / math.sqrt(D)
     args = (q, k, v, out, lse, xc, ds, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            T, Hq, Hkv, sm_scale * LOG2E, tuning.pow2_bucket(T))
+            T, Hq, Hkv, sm_scale * LOG2E)
     meta = dict(D=D, G=G, HAS_DOCS=has_docs, XSA=xsa, PREC=_prec(q.dtype))
-    _launch("fwd", lambda c: (triton.cdiv(T, c["BLOCK_M"] // G), B * Hkv), args, meta,
-            _config_key(T, D, G, q.dtype, xsa, has_docs), q.device)
+    FWD.run(lambda c: (triton.cdiv(T, c["BLOCK_M"] // G), B * Hkv), args, meta,
+            key=_config_key(T, D, G, q.dtype, xsa, has_docs), device=q.device)
     return out, lse, xc
 
 
@@ -503,34 +465,33 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     q, k, v, out = _last_contig(q), _last_contig(k), _last_contig(v), _last_contig(out)
     dout = _last_contig(dout.to(q.dtype))
     dev = q.device
-    dq = _alloc((B, T, Hq, D), q.dtype, dev)
-    dk = _alloc((B, T, Hkv, D), k.dtype, dev)
-    dv = _alloc((B, T, Hkv, D), v.dtype, dev)
+    dq = launcher.new_output((B, T, Hq, D), q.dtype, dev)
+    dk = launcher.new_output((B, T, Hkv, D), k.dtype, dev)
+    dv = launcher.new_output((B, T, Hkv, D), v.dtype, dev)
     if T == 0 or B == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     has_docs = cu_seqlens is not None
     ds, de = doc_bounds(cu_seqlens, T, dev) if has_docs else (lse, lse)
-    delta = _alloc((B, T, Hq), torch.float32, dev)
+    delta = launcher.new_output((B, T, Hq), torch.float32, dev)
     if xsa:
-        dop = _alloc((B, T, Hq, D), q.dtype, dev)
-        dvx = _alloc((B, T, Hkv, D), torch.float32, dev)
+        dop = launcher.new_output((B, T, Hq, D), q.dtype, dev)
+        dvx = launcher.new_output((B, T, Hkv, D), torch.float32, dev)
     else:
         dop, dvx = dout, delta
     key = _config_key(T, D, G, q.dtype, xsa, has_docs)
-    _launch("pre", lambda c: (triton.cdiv(T, c["BLOCK_T"]), B * Hkv),
-            (out, dout, v, xc, delta, dop, dvx, *out.stride()[:3], *dout.stride()[:3], *v.stride()[:3], T, Hq, Hkv),
-            dict(D=D, G=G, XSA=xsa), key, dev)
+    BWD_PRE.run(lambda c: (triton.cdiv(T, c["BLOCK_T"]), B * Hkv),
+                (out, dout, v, xc, delta, dop, dvx, *out.stride()[:3], *dout.stride()[:3], *v.stride()[:3], T, Hq, Hkv),
+                dict(D=D, G=G, XSA=xsa), key=key, device=dev)
     sm_scale = 1.0 / math.sqrt(D)
     prec = _prec(q.dtype)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dop.stride()[:3])
-    _launch("dkdv", lambda c: (triton.cdiv(T, c["BLOCK_N"]), B * Hkv),
-            (q, k, v, dop, lse, delta, dvx, dk, dv, de, *common, *dk.stride()[:3], *dv.stride()[:3],
-             T, Hq, Hkv, sm_scale * LOG2E, sm_scale, tuning.pow2_bucket(T)),
-            dict(D=D, G=G, HAS_DOCS=has_docs, XSA=xsa, PREC=prec), key, dev)
-    _launch("dq", lambda c: (triton.cdiv(T, c["BLOCK_M"] // G), B * Hkv),
-            (q, k, v, dop, lse, delta, dq, ds, *common, *dq.stride()[:3], T, Hq, Hkv, sm_scale * LOG2E, sm_scale,
-             tuning.pow2_bucket(T)),
-            dict(D=D, G=G, HAS_DOCS=has_docs, PREC=prec), key, dev)
+    BWD_DKDV.run(lambda c: (triton.cdiv(T, c["BLOCK_N"]), B * Hkv),
+                 (q, k, v, dop, lse, delta, dvx, dk, dv, de, *common, *dk.stride()[:3], *dv.stride()[:3],
+                  T, Hq, Hkv, sm_scale * LOG2E, sm_scale),
+                 dict(D=D, G=G, HAS_DOCS=has_docs, XSA=xsa, PREC=prec), key=key, device=dev)
+    BWD_DQ.run(lambda c: (triton.cdiv(T, c["BLOCK_M"] // G), B * Hkv),
+               (q, k, v, dop, lse, delta, dq, ds, *common, *dq.stride()[:3], T, Hq, Hkv, sm_scale * LOG2E, sm_scale),
+               dict(D=D, G=G, HAS_DOCS=has_docs, PREC=prec), key=key, device=dev)
     return dq, dk, dv
 
 
@@ -604,37 +565,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, xsa: bool = False, cu_seqlens:
     if v.dtype != q.dtype:
         v = v.to(q.dtype)
     return torch.ops.pgolf.xsa_attention_fwd(q, k, v, cu_seqlens, bool(xsa))[0]
-
-
-def tune(device: str = "cuda", tokens: int = 98_304, heads: int = 8, kv_heads: int = 4, head_dim: int = 64,
-         dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Autotune forward and backward at the record shapes (packed documents and dense 2,048-token rows, XSA on and
-    off) on this GPU and save the chosen configs (see :mod:`pgolf.kernels.tuning`), so later runs never tune.
-
-    ``python -c "from pgolf.kernels import xsa_attention as m; print(m.tune())"`` on the GPU machine.
-    """
-    from pgolf.bench.ops.attention import doc_lengths
-
-    global _RETUNING
-    dev = torch.device(device)
-    lengths = doc_lengths(tokens, seed=0)
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
-    _RETUNING = True  # ignore an existing file while tuning
-    try:
-        for B, T, cu_seqlens in ((1, tokens, cu_t), (tokens // 2048, 2048, None)):
-            q = torch.randn(B, T, heads, head_dim, device=dev, dtype=dtype, requires_grad=True)
-            k = torch.randn(B, T, kv_heads, head_dim, device=dev, dtype=dtype, requires_grad=True)
-            v = torch.randn(B, T, kv_heads, head_dim, device=dev, dtype=dtype, requires_grad=True)
-            for xsa in (True, False):
-                y = attention(q, k, v, xsa=xsa, cu_seqlens=cu_seqlens)
-                torch.autograd.grad(y, (q, k, v), torch.randn_like(y))
-        torch.cuda.synchronize(dev)
-    finally:
-        _RETUNING = False
-    return tuning.save("xsa_attention", _CHOSEN, dev)
 
 
 def _register() -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pgolf.kernels
-from pgolf.kernels import reference, tuning
+from pgolf.kernels import launcher, reference
 from pgolf.kernels.int6_pack import dequantize, pack_int6, unpack_int6
 
 im = importlib.import_module("pgolf.kernels.int6_matmul")
@@ -132,7 +132,7 @@ def test_split_k_path(split, packed):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_nan_poisoned_buffers_are_fully_written(monkeypatch, packed):
-    monkeypatch.setattr(im, "POISON", True)
+    monkeypatch.setattr(launcher, "POISON", True)
     K, N = 37, 33
     q, s = make_weight(N, K, seed=13)
     qq = pack_int6(q) if packed else q
@@ -295,16 +295,3 @@ def test_gpu_int64_offsets(packed):
     y = im.int6_matmul(x, qq, s, in_features=K, packed=packed)
     tail = slice(N - 128, N)
     assert_matches(y[:, tail].contiguous(), x, q[tail], s[tail], packed)
-
-
-def test_tuned_config_file_round_trip(tmp_path, monkeypatch):
-    """save_tuned() merges autotuner picks into section 'int6_matmul' of the per-GPU file; load() reads them back."""
-    monkeypatch.setenv("PGOLF_TUNED_DIR", str(tmp_path))
-    monkeypatch.setattr(tuning, "_FILES", {})
-    monkeypatch.setattr(im, "_CHOSEN", {"large|m=4096,n=512,k=512,packed,bfloat16": dict(BM=128, BN=64, BK=64,
-                                                                                          GROUP_M=8, num_warps=4,
-                                                                                          num_stages=4)})
-    path = im.save_tuned("some_gpu")
-    assert path == tmp_path / "some_gpu.json" and path.is_file()
-    table = tuning.load("int6_matmul", "some_gpu")
-    assert table["large|m=4096,n=512,k=512,packed,bfloat16"]["BN"] == 64

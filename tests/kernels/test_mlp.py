@@ -10,14 +10,13 @@ dtype, plus a few unit roundoffs of the output's scale (EPS_UNITS).
 from __future__ import annotations
 
 import importlib
-import json
 import math
 
 import pytest
 import torch
 
 from pgolf import kernels
-from pgolf.kernels import reference, tuning
+from pgolf.kernels import launcher, reference
 from tests.kernels.helpers import (DTYPES, F64, assert_error_within,
                                    assert_fullgraph_matches_eager, gen, saved_activation_bytes)
 
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(K, "POISON", True)
+    monkeypatch.setattr(launcher, "POISON", True)
 
 
 
@@ -103,23 +102,16 @@ def test_post_and_sign_bits(H):
     assert not unpacked[:, H:].any(), "padding bits past the last hidden column must be 0"
 
 
-def test_poisoned_outputs_are_nan_until_written():
-    t = K.new_output((3, 5), torch.float16, torch.device("cpu"))
-    assert torch.isnan(t).all()
-    b = K.new_output((3, 2), torch.uint8, torch.device("cpu"))
-    assert (b == 255).all()
-
-
 def test_unwritten_tile_would_fail(monkeypatch):
     """A launch that skips tiles (grid too small) leaves NaNs, which the error check rejects."""
     x, w1, w2, gy = make_inputs(37, 48, 100, torch.float32, seed=1)
-    real = K._mlp_gemm_kernel
+    real = K.UP_FWD.fn
 
     class _Short:
         def __getitem__(self, grid):
             return real[(grid[0] - 1,)]
 
-    monkeypatch.setattr(K, "_mlp_gemm_kernel", _Short())
+    monkeypatch.setattr(K.UP_FWD, "fn", _Short())
     post, _ = K.mlp_up_forward(x, w1, 0.5)
     assert torch.isnan(post).any()
     with pytest.raises(AssertionError, match="non-finite"):
@@ -162,14 +154,6 @@ def test_autocast_computes_in_the_autocast_dtype():
         assert_error_within(name, a.bfloat16(), r.bfloat16(), e)
 
 
-def test_env_flag_parsing(monkeypatch):
-    for value, want in (("0", False), ("false", False), ("off", False), ("1", True), ("yes", True)):
-        monkeypatch.setenv("PGOLF_TEST_FLAG", value)
-        assert K._env_flag("PGOLF_TEST_FLAG", not want) is want
-    monkeypatch.delenv("PGOLF_TEST_FLAG")
-    assert K._env_flag("PGOLF_TEST_FLAG", True) is True
-
-
 # ---- dispatch, saved memory, torch.compile -----------------------------------------------------------------------
 
 def test_dispatch_selects_the_kernel():
@@ -204,37 +188,6 @@ def test_compile_fullgraph_no_graph_breaks():
     leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2)]
     with kernels.use_backend("triton", op="mlp"):
         assert_fullgraph_matches_eager(f, leaves)
-
-
-# ---- launch-config selection (GPU path, simulated) ---------------------------------------------------------------
-
-def test_config_picker_reads_the_file_then_tunes_and_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(K, "INTERPRET", False)
-    monkeypatch.setenv("PGOLF_TUNED_DIR", str(tmp_path))
-    monkeypatch.setattr(tuning, "_FILES", {})
-    monkeypatch.setattr(tuning, "gpu_slug", lambda device=None: "fake_gpu")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    cuda = torch.device("cuda", 0)
-    cand = [dict(BM=1), dict(BM=2)]
-    picker = K.ConfigPicker("test_kernel", cand, lambda key: dict(BM=99), dict(BM=0))
-    try:
-        (tmp_path / "fake_gpu.json").write_text(json.dumps({"ops": {"test_kernel": {"a|1": {"BM": 7}}}}))
-        assert picker.pick(("a", 1), cuda, launch=None) == {"BM": 7}  # from the file; launch never called
-        # another op saves into the same file after this process read it: its section must survive our save
-        tuning.save("other_op", {"k": {"X": 1}}, "fake_gpu")
-        monkeypatch.setenv("PGOLF_AUTOTUNE", "0")
-        assert picker.pick(("b", 2), cuda, launch=None) == {"BM": 99}  # no tuning: the default
-        monkeypatch.setenv("PGOLF_AUTOTUNE", "1")
-        monkeypatch.setenv("PGOLF_TUNED_WRITE", "1")
-        monkeypatch.setattr(K.ConfigPicker, "_tune", lambda self, launch: dict(cand[1]))
-        assert picker.pick(("c", 3), cuda, launch=None) == {"BM": 2}
-        saved = json.loads((tmp_path / "fake_gpu.json").read_text())
-        assert saved["gpu"] == "Fake GPU"
-        assert saved["ops"]["test_kernel"] == {"a|1": {"BM": 7}, "b|2": {"BM": 99}, "c|3": {"BM": 2}}
-        assert saved["ops"]["other_op"] == {"k": {"X": 1}}
-        assert picker.pick(("c", 3), torch.device("cpu"), launch=None) == {"BM": 0}  # CPU: fixed config
-    finally:
-        K.ConfigPicker.pickers.pop("test_kernel", None)
 
 
 # ---- GPU (bf16, realistic shapes) --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pgolf.kernels
-from pgolf.kernels import reference
+from pgolf.kernels import launcher, reference
 from pgolf.train.muon import CLASSIC_COEFFS, POLAR_EXPRESS_COEFFS
 
 ns = importlib.import_module("pgolf.kernels.newton_schulz")
@@ -120,7 +120,7 @@ def test_nan_poisoned_buffers_are_fully_written(monkeypatch):
     """Output, ping-pong, Gram/polynomial and partial-sum buffers start as NaN: every tile (incl. mirrored ones)
     must be written. Small tiles give several triangle rows (p=50 → 4 tile rows, 10 lower tiles); odd and even
     step counts start the ping-pong in either buffer."""
-    monkeypatch.setattr(ns, "POISON", True)
+    monkeypatch.setattr(launcher, "POISON", True)
     cfg = dict(norm=dict(BLOCK_M=32, BLOCK_N=32), sym=dict(BLOCK=16, BK=64), update=dict(BM=16, BN=64, BK=64))
     for shape, steps in [((2, 50, 100), 1), ((100, 50), 2)]:
         G = make_g(shape, seed=7)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pgolf import kernels
-from pgolf.kernels import reference
+from pgolf.kernels import launcher, reference
 from tests.kernels.helpers import (DTYPES, F64, assert_error_within,
                                    assert_fullgraph_matches_eager, gen, saved_activation_bytes)
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(MLP, "POISON", True)
+    monkeypatch.setattr(launcher, "POISON", True)
 
 
 

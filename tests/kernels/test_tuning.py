@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -87,32 +86,6 @@ def test_writes_are_atomic(tuned_dir, monkeypatch):
         tuning.save("op_0", {"k": {"BM": 99}}, "gpu_x")
     assert (tuned_dir / "gpu_x.json").read_text() == before  # the old file is intact
     assert [p.name for p in tuned_dir.iterdir()] == ["gpu_x.json"]
-
-
-def test_op_modules_share_one_file(tuned_dir, monkeypatch):
-    """Each op module's save_tuned writes its own section of the same per-GPU file; none erases another's."""
-    mlp = importlib.import_module("pgolf.kernels.mlp")
-    ns = importlib.import_module("pgolf.kernels.newton_schulz")
-    im = importlib.import_module("pgolf.kernels.int6_matmul")
-    xsa = importlib.import_module("pgolf.kernels.xsa_attention")
-    monkeypatch.setattr(tuning, "gpu_slug", lambda device=None: "fake_gpu")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(ns, "_CHOSEN", {"gram|p=512,q=512,b=32,bfloat16": {"BLOCK": 128}})
-    monkeypatch.setattr(im, "_CHOSEN", {"large|m=4096,n=512,k=512,packed,bfloat16": {"BM": 64}})
-    monkeypatch.setattr(xsa, "_CHOSEN", {"fwd|T2048_D64_G2_bfloat16_xsa1_docs0": {"BLOCK_M": 128}})
-    monkeypatch.setattr(mlp.GEMM_PICKER, "memory", {"fwd|2048|2048|512|bfloat16": {"BM": 128}})
-    paths = {ns.save_tuned(), im.save_tuned(), xsa.save_tuned("fake_gpu"), mlp.save_tuned(torch.device("cuda", 0))}
-    assert paths == {tuned_dir / "fake_gpu.json"}
-    data = json.loads((tuned_dir / "fake_gpu.json").read_text())
-    assert data["gpu"] == "Fake GPU"
-    assert data["ops"] == {
-        "newton_schulz": {"gram|p=512,q=512,b=32,bfloat16": {"BLOCK": 128}},
-        "int6_matmul": {"large|m=4096,n=512,k=512,packed,bfloat16": {"BM": 64}},
-        "xsa_attention": {"fwd|T2048_D64_G2_bfloat16_xsa1_docs0": {"BLOCK_M": 128}},
-        "mlp_gemm": {"fwd|2048|2048|512|bfloat16": {"BM": 128}},
-    }
-    assert ns.tuned_configs() == {"newton_schulz": data["ops"]["newton_schulz"]}
 
 
 def test_gpu_slug(monkeypatch):

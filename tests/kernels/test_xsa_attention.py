@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pgolf import kernels
-from pgolf.kernels import reference
+from pgolf.kernels import launcher, reference
 from pgolf.kernels import xsa_attention as xa
 
 F64 = torch.float64
@@ -25,7 +25,7 @@ ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(xa, "POISON", True)
+    monkeypatch.setattr(launcher, "POISON", True)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +100,8 @@ def test_matches_float64(B, T, Hq, Hkv, D, xsa, lengths, dtype):
                          ids=["m16-n32", "m64-n16"])
 def test_other_tile_shapes(monkeypatch, cfg):
     """Query tiles narrower and wider than key tiles (different mask-free ranges and document splits)."""
-    monkeypatch.setattr(xa, "INTERPRET_CONFIGS", dict(xa.INTERPRET_CONFIGS, fwd=cfg, dkdv=cfg, dq=cfg))
+    for kernel in (xa.FWD, xa.BWD_DKDV, xa.BWD_DQ):
+        monkeypatch.setattr(kernel, "interpret", cfg)
     inputs = make_inputs(1, 101, 4, 2, 16, seed=5)
     check_against_float64(inputs, torch.float32, xsa=True, cu_seqlens=padded_cu([3, 50, 1, 47]), max_seqlen=64)
 
@@ -150,14 +151,12 @@ def test_xsa_closed_form_backward():
 
 def test_poison_catches_an_unwritten_tile(monkeypatch):
     """Sanity check of the harness: drop the last query tile of the forward grid and the NaN must show."""
-    real = xa._launch
+    real = xa.FWD.launch
 
-    def short_grid(kind, grid, *args):
-        if kind == "fwd":
-            return real(kind, lambda c: (grid(c)[0] - 1, *grid(c)[1:]), *args)
-        return real(kind, grid, *args)
+    def short_grid(cfg, grid, *args):
+        return real(cfg, lambda c: (grid(c)[0] - 1, *grid(c)[1:]), *args)
 
-    monkeypatch.setattr(xa, "_launch", short_grid)
+    monkeypatch.setattr(xa.FWD, "launch", short_grid)
     q, k, v, _ = make_inputs(1, 37, 4, 2, 16, seed=1)
     y = xa.attention(q.float(), k.float(), v.float(), xsa=True)
     assert torch.isnan(y[0, -1]).all() and torch.isfinite(y[0, 0]).all()

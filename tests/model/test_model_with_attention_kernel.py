@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pgolf import kernels
+from pgolf.kernels import launcher
 from pgolf.model import GPT, GPTConfig
 
 BOS = 1
@@ -83,8 +84,9 @@ def test_training_steps_match_reference(monkeypatch):
 
     # wider interpreter tiles than the kernel tests use (those cover the tiling); this test is about the model
     big = dict(BLOCK_M=64, BLOCK_N=32)
-    monkeypatch.setattr(xa, "INTERPRET_CONFIGS", dict(fwd=big, dkdv=big, dq=big, pre=dict(BLOCK_T=64)))
-    monkeypatch.setattr(xa, "POISON", True)
+    for kernel, cfg in ((xa.FWD, big), (xa.BWD_DKDV, big), (xa.BWD_DQ, big), (xa.BWD_PRE, dict(BLOCK_T=64))):
+        monkeypatch.setattr(kernel, "interpret", cfg)
+    monkeypatch.setattr(launcher, "POISON", True)
     ref_model = make_model()
     tri_model = copy.deepcopy(ref_model)
     ref_losses, ref_grads = train(ref_model, "reference", 3)

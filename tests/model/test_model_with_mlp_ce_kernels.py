@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pgolf import kernels
+from pgolf.kernels import launcher
 from pgolf.model import GPT, GPTConfig
 from pgolf.train.optim import build_optimizers
 
@@ -67,7 +68,7 @@ def train(model: GPT, cfg: GPTConfig, steps: int, triton: bool) -> list[float]:
 def test_training_matches_reference(fused_head, monkeypatch):
     monkeypatch.setattr(CE, "FUSED_HEAD", fused_head)
     monkeypatch.setattr(CE, "CHUNK_ELEMS", 16 * 97)  # 38 tokens per batch: three head chunks
-    monkeypatch.setattr(MLP, "POISON", True)
+    monkeypatch.setattr(launcher, "POISON", True)
     calls = {"mlp": 0, "mlp_bwd": 0, "head": 0, "head_bwd": 0}
 
     def counted(module, fn_name, key):
