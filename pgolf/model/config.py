@@ -13,6 +13,9 @@ PARALLEL_MODES = ("none", "gptj", "two_lane")
 SMEAR_MODES = ("none", "bos", "vector")
 ATTN_GATES = ("none", "sparse", "attn_out", "gated")
 INITS = ("record", "baseline")
+# How the RoPE cos/sin tables are computed (see pgolf.model.gpt.rope_tables): 'exact' (fp32, pgolf's default),
+# or reproducing a record: 'bf16_freq' (2026-04-27 lineage), 'r3_compiled' / 'r3_eager' (2026-04-09).
+ROPE_TABLES = ("exact", "bf16_freq", "r3_compiled", "r3_eager")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class GPTConfig:
     rope_dims: int = 16             # rotated dims per head (NeoX halves); 0 = the whole head
     rope_base: float = 10000.0
     rope_train_seq_len: int = 0     # NTK base rescale when the sequence is longer than this; 0 = off
+    rope_tables: str = "exact"      # one of ROPE_TABLES: exact fp32 tables, or a record's own numerics
     qk_gain_init: float = 5.0
     xsa_last_n: int = 11            # XSA on the last n physical layers (every virtual pass of them)
     ln_scale: bool = True           # 1/sqrt(l+1) on each block's normalized inputs (physical l)
@@ -65,7 +69,7 @@ class GPTConfig:
         if self.num_loops and not (0 <= self.loop_start <= self.loop_end < self.num_layers):
             problems.append(f"loop segment [{self.loop_start}, {self.loop_end}] is outside 0..{self.num_layers - 1}")
         for name, allowed in (("parallel_residual", PARALLEL_MODES), ("smear_gate", SMEAR_MODES),
-                              ("attn_gate", ATTN_GATES), ("init", INITS)):
+                              ("attn_gate", ATTN_GATES), ("init", INITS), ("rope_tables", ROPE_TABLES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.logit_softcap <= 0:

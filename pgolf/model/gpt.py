@@ -147,16 +147,10 @@ class GPT(nn.Module):
 
     def rotary(self, T: int, device, dtype) -> tuple[Tensor, Tensor]:
         """(cos, sin), each (1, T, 1, rope_dims/2), for buffer positions 0..T-1 (cached)."""
-        c = self.config
-        rd = c.rope_dims or c.head_dim
         key = (T, str(device), dtype)
         if key not in self._rope_cache:
-            base = c.rope_base
-            if c.rope_train_seq_len and T > c.rope_train_seq_len:
-                base = base * (T / c.rope_train_seq_len) ** (rd / (rd - 2))
-            inv_freq = 1.0 / base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd)
-            freqs = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv_freq)
-            self._rope_cache = {key: (freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype))}
+            cos, sin = rope_tables(self.config, T, device)
+            self._rope_cache = {key: (cos[None, :, None, :].to(dtype), sin[None, :, None, :].to(dtype))}
         return self._rope_cache[key]
 
     # ---- parameters ---------------------------------------------------------------------------------------
@@ -355,6 +349,50 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = cos.size(-1)
     a, b, rest = x[..., :half], x[..., half: 2 * half], x[..., 2 * half:]
     return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
+
+
+def rope_tables(c: GPTConfig, T: int, device=None) -> tuple[Tensor, Tensor]:
+    """fp32 (cos, sin), each (T, r/2), for positions 0..T-1, computed as ``c.rope_tables`` says.
+
+    With ``rope_train_seq_len`` and T above it, every record recomputes NTK-rescaled frequencies in fp32, so
+    all modes give the exact tables there. Otherwise the records keep ``inv_freq`` in a buffer that their
+    ``.bfloat16()`` cast rounds: 'bf16_freq' (2026-04-27 lineage) uses those frequencies with exact positions;
+    'r3_compiled' (2026-04-09 under torch.compile on CUDA) also rounds cos/sin to bf16; 'r3_eager' (the same
+    script run eagerly) rounds positions, angles and cos/sin to bf16 as well.
+    """
+    rd = c.rope_dims or c.head_dim
+    exponents = torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd
+    positions = torch.arange(T, dtype=torch.float32, device=device)
+    if c.rope_train_seq_len and T > c.rope_train_seq_len:
+        base = c.rope_base * (T / c.rope_train_seq_len) ** (rd / (rd - 2))
+        return _cos_sin(torch.outer(positions, 1.0 / base ** exponents))
+    inv_freq = 1.0 / c.rope_base ** exponents
+    if c.rope_tables == "exact":
+        return _cos_sin(torch.outer(positions, inv_freq))
+    inv_freq = round_to_bf16(inv_freq)
+    if c.rope_tables == "bf16_freq":
+        return _cos_sin(torch.outer(positions, inv_freq))
+    if c.rope_tables == "r3_compiled":
+        return _cos_sin(torch.outer(positions, inv_freq), rounded=True)
+    angles = round_to_bf16(torch.outer(round_to_bf16(positions), inv_freq))  # r3_eager
+    return _cos_sin(angles, rounded=True)
+
+
+def _cos_sin(angles: Tensor, rounded: bool = False) -> tuple[Tensor, Tensor]:
+    """(cos, sin) of fp32 angles, each optionally rounded to the nearest bf16 value."""
+    cos, sin = angles.cos(), angles.sin()
+    return (round_to_bf16(cos), round_to_bf16(sin)) if rounded else (cos, sin)
+
+
+def round_to_bf16(x: Tensor) -> Tensor:
+    """fp32 x rounded to the nearest bf16 value (ties to even), still fp32, for finite x.
+
+    Integer arithmetic on the bit pattern, so that no compiler can drop the rounding as it may drop a
+    ``.to(bfloat16).float()`` round trip inside a fused kernel.
+    """
+    bits = x.contiguous().view(torch.int32)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits & -65536).view(torch.float32)
 
 
 def shift_right(x: Tensor) -> Tensor:
