@@ -6,8 +6,10 @@
   phase and a random order of its (seq_len+1)-token windows, and every sequence draws its shard with probability
   proportional to the windows that shard has left; all shards are reshuffled when every window is used.
 - :class:`DocumentPackedLoader` (R4-R6): the sequential stream starting at the first BOS, one packed row per
-  rank with ``cu_seqlens`` at document starts (documents split every ``max_seqlen`` tokens, padded to a
-  multiple of ``cu_multiple`` entries). :func:`cu_seqlens_from_tokens` is the shared helper (eval uses it too).
+  rank with ``cu_seqlens`` at document starts (padded to a multiple of ``cu_multiple`` entries). Long documents
+  are not split here: the model cuts attention every ``max_seqlen`` tokens itself, so that its token shifts
+  (SmearGate, BigramHash) can follow the document across the cut as the records' do.
+  :func:`cu_seqlens_from_tokens` is the shared helper.
 
 Every loader has ``state_dict()`` / ``load_state_dict(d)`` (plain ints, lists and tensors, safe for
 ``torch.load(weights_only=True)``) so a trainer can rewind it. Helpers: ``_TokenStream`` (the wraparound
@@ -257,15 +259,16 @@ class PackedBatch(NamedTuple):
     max_seqlen: int
 
 
-def cu_seqlens_from_tokens(x_1d: Tensor, bos_id: int, max_seqlen: int, multiple: int) -> Tensor:
+def cu_seqlens_from_tokens(x_1d: Tensor, bos_id: int, max_seqlen: int | None, multiple: int) -> Tensor:
     """Document boundaries of a packed row x_1d (T,) as int32 (K,).
 
-    [0] + positions p > 0 where x_1d[p] == bos_id + [T]; segments longer than max_seqlen are split every
-    max_seqlen tokens from their start; the result is padded by repeating T up to a multiple of ``multiple``.
+    [0] + positions p > 0 where x_1d[p] == bos_id + [T]; with ``max_seqlen`` (None: no split) segments longer
+    than it are split every max_seqlen tokens from their start, as the records' loaders do; the result is
+    padded by repeating T up to a multiple of ``multiple``.
     """
     if x_1d.dim() != 1:
         raise ValueError(f"x_1d must be 1-D, got shape {tuple(x_1d.shape)}")
-    if max_seqlen < 1 or multiple < 1:
+    if (max_seqlen is not None and max_seqlen < 1) or multiple < 1:
         raise ValueError(f"max_seqlen ({max_seqlen}) and multiple ({multiple}) must be >= 1")
     t = int(x_1d.numel())
     if t == 0:
@@ -274,6 +277,7 @@ def cu_seqlens_from_tokens(x_1d: Tensor, bos_id: int, max_seqlen: int, multiple:
     bos = torch.nonzero(x == bos_id).flatten()
     bounds = torch.cat([torch.zeros(1, dtype=torch.int64), bos[bos > 0], torch.tensor([t])])
     lens = bounds[1:] - bounds[:-1]
+    max_seqlen = max_seqlen or t
     pieces = (lens + max_seqlen - 1) // max_seqlen
     first = torch.cumsum(pieces, 0) - pieces
     k = torch.arange(int(pieces.sum()))
@@ -289,8 +293,9 @@ class DocumentPackedLoader:
 
     Each step takes ``world_size * (local_tokens + 1)`` tokens; rank r keeps the r-th slice of local_tokens + 1
     and returns a :class:`PackedBatch` with x = slice[:-1], y = slice[1:] (each (1, local_tokens)) and
-    cu_seqlens from :func:`cu_seqlens_from_tokens`; ``max_seqlen`` is the configured bound (constant, so
-    attention kernels compile once). On wraparound the stream restarts at shard 0, token 0.
+    cu_seqlens at the document starts (:func:`cu_seqlens_from_tokens`, unsplit); ``max_seqlen`` is the
+    configured bound at which the model cuts attention inside a document (constant, so attention kernels
+    compile once). On wraparound the stream restarts at shard 0, token 0.
     """
 
     def __init__(self, files: PathLike | Sequence[PathLike], rank: int = 0, world_size: int = 1,
@@ -313,7 +318,7 @@ class DocumentPackedLoader:
         chunk = self.stream.take(span)
         self.stream.skip((self.world_size - 1 - self.rank) * span)
         x, y = chunk[:-1], chunk[1:]
-        cu = cu_seqlens_from_tokens(x, self.bos_id, self.max_seqlen, self.cu_multiple)
+        cu = cu_seqlens_from_tokens(x, self.bos_id, None, self.cu_multiple)
         return PackedBatch(x.unsqueeze(0), y.unsqueeze(0), cu, self.max_seqlen)
 
     def state_dict(self) -> dict:

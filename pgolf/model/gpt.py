@@ -6,8 +6,11 @@ Each block: residual mix with x0, attention (GQA, q/k RMSNorm, partial RoPE, QK-
 a LeakyReLU(0.5)² MLP, sequential, GPT-J parallel or two-lane parallel. The hot ops (attention, MLP, head +
 loss) go through :mod:`pgolf.kernels`, which picks Triton or the PyTorch reference per device.
 
-Packed batches: with ``cu_seqlens`` (B = 1) attention never crosses a document start, and every
-token-shift (SmearGate, BigramHash) is reset at each segment start, so nothing leaks across documents.
+Packed batches: ``cu_seqlens`` (B = 1) marks where independent sequences start (documents, or evaluation
+windows laid side by side); attention and every token shift (SmearGate, BigramHash) reset there and at BOS.
+With ``max_seqlen`` the model also cuts attention every ``max_seqlen`` tokens inside a sequence, as the records'
+loaders split long documents, while the token shifts carry on across those cuts: the previous token still
+belongs to the same document (the 2026-04-27 record masks its shift only at BOS).
 Parameter names follow the 2026-04-09 record script (``blocks.3.attn.c_q.weight`` ...).
 """
 
@@ -99,6 +102,8 @@ class GPT(nn.Module):
         x0 = x
         rope = self.rotary(T, x.device, x.dtype)
         ve = self.ve(input_ids).to(x.dtype) if self.ve is not None else None
+        if cu_seqlens is not None and max_seqlen is not None:
+            cu_seqlens = attention_segments(cu_seqlens, T, max_seqlen)
         ctx = dict(x0=x0, rope=rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, ve=ve)
 
         enc, dec = c.layer_plan(self.looping_active)
@@ -395,13 +400,30 @@ def round_to_bf16(x: Tensor) -> Tensor:
     return (bits & -65536).view(torch.float32)
 
 
+def attention_segments(cu_seqlens: Tensor, T: int, max_seqlen: int) -> Tensor:
+    """Attention segment starts: each sequence of ``cu_seqlens`` cut every ``max_seqlen`` tokens from its start.
+
+    cu_seqlens: int (K,) sequence starts of a packed row of T tokens, starting at 0, padded with T. Returns
+    int32 (K + T // max_seqlen,), sorted and padded with T; no segment is longer than max_seqlen. The shape
+    depends only on K, T and max_seqlen, so this traces under torch.compile(fullgraph=True).
+    """
+    cu = cu_seqlens.to(torch.long)
+    pos = torch.arange(T, device=cu.device)
+    seq_start = cu[(torch.searchsorted(cu, pos, right=True) - 1).clamp_min(0)]
+    is_start = (pos - seq_start) % max_seqlen == 0
+    n = cu.numel() + T // max_seqlen
+    slot = torch.where(is_start, torch.cumsum(is_start, 0) - 1, n)
+    out = torch.full((n + 1,), T, dtype=torch.int32, device=cu.device)
+    return out.scatter(0, slot, pos.to(torch.int32))[:n]
+
+
 def shift_right(x: Tensor) -> Tensor:
     """x[:, t-1] at position t (zeros at t = 0). x: (B, T, ...)."""
     return torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
 
 
 def segment_starts(ids: Tensor, cu_seqlens: Tensor | None, bos_id: int) -> Tensor:
-    """(B, T) bool: position 0, every BOS token and every cu_seqlens boundary (packed segments)."""
+    """(B, T) bool: position 0, every BOS token and every cu_seqlens sequence start (no token shift into these)."""
     start = ids == bos_id
     start[:, 0] = True
     if cu_seqlens is not None:
