@@ -116,7 +116,7 @@ ENV_NAMES = {
     # model
     "VOCAB_SIZE": "vocab_size", "NUM_LAYERS": "num_layers", "MODEL_DIM": "model_dim", "NUM_HEADS": "num_heads",
     "NUM_KV_HEADS": "num_kv_heads", "LOGIT_SOFTCAP": "logit_softcap", "ROPE_BASE": "rope_base",
-    "ROPE_DIMS": "rope_dims", "ROPE_TRAIN_SEQ_LEN": "rope_train_seq_len", "LN_SCALE": "ln_scale",
+    "ROPE_DIMS": "rope_dims", "LN_SCALE": "ln_scale",
     "QK_GAIN_INIT": "qk_gain_init", "XSA_LAST_N": "xsa_last_n", "SKIP_GATES_ENABLED": "skip_gates",
     "NUM_LOOPS": "num_loops", "LOOP_START": "loop_start", "LOOP_END": "loop_end",
     "ENABLE_LOOPING_AT": "loop_activate_frac", "PARALLEL_RESIDUAL_START": "parallel_start",
@@ -149,7 +149,26 @@ def resolve(preset: str, env: Mapping[str, str] | None = None,
         (model_values if name in _MODEL_FIELDS else values)[name] = v
     if mlp_mult is not None and "mlp_hidden" not in model_values:
         model_values["mlp_hidden"] = int(mlp_mult * model_values.get("model_dim", p.model.model_dim))
-    return TrainConfig(**values), p.model.replace(**model_values)
+    train = TrainConfig(**values)
+    _rope_follows_train_seq_len(p.model, train, model_values, env)
+    return train, p.model.replace(**model_values)
+
+
+def _rope_follows_train_seq_len(preset_model: GPTConfig, train: TrainConfig, model_values: dict[str, Any],
+                                env: Mapping[str, str]) -> None:
+    """The records scale RoPE by TRAIN_SEQ_LEN: their ROPE_TRAIN_SEQ_LEN is read but never used.
+
+    So a preset with the NTK rescale on (rope_train_seq_len > 0) takes the run's train_seq_len unless
+    ``--rope-train-seq-len`` says otherwise; a ROPE_TRAIN_SEQ_LEN other than TRAIN_SEQ_LEN, which a record would
+    ignore, is an error rather than a silent no-op.
+    """
+    if "rope_train_seq_len" not in model_values and preset_model.rope_train_seq_len:
+        model_values["rope_train_seq_len"] = train.train_seq_len
+    ignored = env.get("ROPE_TRAIN_SEQ_LEN", "")
+    if ignored and int(float(ignored)) != train.train_seq_len:
+        raise ValueError(f"ROPE_TRAIN_SEQ_LEN={ignored} is read but never used by the record scripts (their RoPE "
+                         f"scaling length is TRAIN_SEQ_LEN) and pgolf ignores it too; unset it, or use "
+                         f"--rope-train-seq-len for pgolf's own scaling length")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
