@@ -6,6 +6,8 @@ Subcommands::
     pgolf-bench step [--preset sota] [--smoke] [--steps N] [--json OUT]    training step, kernels vs compiled reference
     pgolf-bench eval [--artifact FILE | --preset P] [--smoke] [--json OUT] round trip, sliding eval, TTT; 600 s budget
     pgolf-bench check [--base REV] [--threshold 0.05] [--history FILE]     regression check on this device kind
+    pgolf-bench compile [--target sm_90] [--op mlp,...] [--quick] [--json OUT]  every kernel compiled for a GPU, no GPU
+    pgolf-bench tune [--op mlp,...] [--keep]                               tune launch configs on this GPU, write its file
     pgolf-bench gpu-check [--budget-s S] [--copy-to DIR]                   tests + all benchmarks (make gpu-check)
     pgolf-bench plot [--out DIR]                                           PNG charts from the history
     pgolf-bench readme                                                     README "## Performance" from bench/results
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, help="untimed steps before timing, incl. compile (default 5; smoke 1)")
     s.add_argument("--tokens", type=int, help="tokens per step on this GPU (default train_batch_tokens / 8)")
     s.add_argument("--variants", default="auto,reference", help="backends to time (default auto,reference)")
+    s.add_argument("--loop", choices=("off", "on", "both"), default="both",
+                   help="depth-recurrence modes to time (default both; the 600 s projection needs both)")
     s.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the model (auto: on CUDA only, as the trainer)")
     s.add_argument("--link-gbps", type=float, default=None, help="all-reduce bus bandwidth for the projection "
@@ -74,6 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-roundtrip", action="store_true", help="skip the artifact round trip")
     e.add_argument("--no-ttt", action="store_true", help="skip the TTT estimate")
 
+    co = sub.add_parser("compile", help="compile every Triton kernel for a GPU target on this machine (no GPU "
+                        "needed): shared memory, registers, spills, wgmma/TMA; exit 1 on a defect")
+    co.add_argument("--target", default="sm_90", help="GPU architecture (sm_80, sm_86, sm_89, sm_90, sm_100; "
+                    "default sm_90)")
+    co.add_argument("--op", help="comma-separated ops (default: mlp,softcap_ce,attention,newton_schulz,int6_matmul)")
+    co.add_argument("--dtype", help="comma-separated dtypes (default: bfloat16,float16,float32)")
+    co.add_argument("--quick", action="store_true", help="the default configs only (not every candidate and "
+                    "tuned-file entry)")
+    co.add_argument("--json", metavar="OUT", help="write the report (every row, the summary, versions) as JSON")
+    co.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes (default: "
+                    "the CPU count, at most 4)")
+    co.add_argument("--set-default", action="append", default=[], metavar="KERNEL=JSON",
+                    help="compile as if KERNEL's default config were JSON, e.g. "
+                    "mlp.up_bwd='{\"BM\": 128, \"BN\": 256, \"BK\": 64, \"GROUP_M\": 8, \"num_warps\": 8, "
+                    "\"num_stages\": 3}' (repeatable)")
+
+    tu = sub.add_parser("tune", help="tune every kernel's launch config at the record shapes on this GPU and write "
+                        "its tuned-config file")
+    tu.add_argument("--op", help="comma-separated ops (default: all five)")
+    tu.add_argument("--dtype", default="bfloat16", help="comma-separated dtypes (default bfloat16)")
+    tu.add_argument("--keep", action="store_true", help="keep the file's entries; tune only the shapes it lacks")
+    tu.add_argument("--device", default="cuda", help="cuda | cuda:N")
+
     c = sub.add_parser("check", help="compare the newest run on this device kind with its base")
     c.add_argument("--base", metavar="REV", help="compare with the newest run at commit REV (default: previous run)")
     c.add_argument("--threshold", type=float, default=0.05, help="allowed fraction a metric may get worse (0.05)")
@@ -84,11 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--all", action="store_true", help="also list informational metrics")
 
     g = sub.add_parser("gpu-check", help="GPU tests + kernels + step + eval into bench/results/, one history record")
-    g.add_argument("--budget-s", type=float, default=None, help="total time limit (default 1140 s)")
+    g.add_argument("--budget-s", type=float, default=None, help="total time limit (default 480 s: the command fits one "
+                   "10-minute slot)")
     g.add_argument("--smoke", action="store_true", help="run the benchmarks with --smoke (harness check)")
     g.add_argument("--results-dir", default=None, help="default bench/results in the repository")
     g.add_argument("--history", metavar="FILE")
-    g.add_argument("--copy-to", metavar="DIR", help="also copy the results, the history and the logs to DIR")
+    g.add_argument("--copy-to", metavar="DIR", help="also copy the results, the tuned-config file, the history and the "
+                   "logs to DIR (after every stage)")
     g.add_argument("--skip", default="", help="comma-separated stages to skip (tests,kernels,step,eval)")
     g.add_argument("--pytest-args", default=None, help="pytest arguments instead of 'tests' (one string)")
     g.add_argument("--step-steps", type=int, help="--steps for the step benchmark")
@@ -174,7 +203,7 @@ def cmd_step(args) -> int:
                         variants=variants, compile_mode=args.compile, tokens=args.tokens,
                         link_gbps=args.link_gbps or step.DEFAULT_LINK_GBPS,
                         latency_us=args.latency_us if args.latency_us is not None else step.DEFAULT_LATENCY_US,
-                        overlap=args.overlap,
+                        overlap=args.overlap, loops={"off": (False,), "on": (True,), "both": (False, True)}[args.loop],
                         on_progress=lambda r: _write_json(args.json, "step", env, args.smoke, r))
     _write_json(args.json, "step", env, args.smoke, res)
     print()
@@ -236,6 +265,48 @@ def cmd_gpu_check(args) -> int:
                              pytest_args=shlex.split(args.pytest_args) if args.pytest_args else None,
                              step_steps=args.step_steps, preset=args.preset)
     return rc
+
+
+def cmd_compile(args) -> int:
+    import json
+
+    from pgolf.bench.compile import DTYPES, OPS, format_report, run_sweep
+    from pgolf.utils import atomic_write_json
+
+    defaults = {}
+    for item in args.set_default:
+        name, sep, text = item.partition("=")
+        try:
+            defaults[name] = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"--set-default {item!r}: not KERNEL=JSON ({e})") from None
+        if not sep or not isinstance(defaults[name], dict):
+            raise ValueError(f"--set-default {item!r}: expected KERNEL={{...config...}}")
+    report = run_sweep(ops=_names(args.op, OPS), dtypes=_names(args.dtype, DTYPES), target=args.target,
+                       quick=args.quick, jobs=args.jobs, set_defaults=defaults)
+    print(format_report(report))
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"report written to {args.json}")
+    return 0 if report["summary"]["passed"] else 1
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from pgolf.bench.compile import DTYPES, check_args
+    from pgolf.bench.tune import OPS, run_tune
+
+    ops, dtypes = _names(args.op, OPS), _names(args.dtype, DTYPES)
+    check_args(ops, dtypes, "sm_90")
+    if not torch.cuda.is_available():
+        raise RuntimeError("pgolf-bench tune needs a CUDA GPU (pgolf-bench compile checks configs without one)")
+    run_tune(device=torch.device(args.device), ops=ops, dtypes=dtypes, keep=args.keep)
+    return 0
+
+
+def _names(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip()) if text else default
 
 
 def cmd_plot(args) -> int:
@@ -301,7 +372,8 @@ def _main(args) -> int:
                 # (10x slower with 2 threads under load). PGOLF_BENCH_THREADS overrides.
                 torch.set_num_threads(int(os.environ.get("PGOLF_BENCH_THREADS", "1")))
     handler = {"kernels": cmd_kernels, "step": cmd_step, "eval": cmd_eval, "check": cmd_check,
-               "gpu-check": cmd_gpu_check, "plot": cmd_plot, "readme": cmd_readme}[args.cmd]
+               "gpu-check": cmd_gpu_check, "plot": cmd_plot, "readme": cmd_readme, "compile": cmd_compile,
+               "tune": cmd_tune}[args.cmd]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
