@@ -72,8 +72,8 @@ def _quantile(xs: list[float], q: float) -> float:
 def run_case(case: Case, device: torch.device, *, reps: int = 10, errors: str = "raise") -> list[dict[str, Any]]:
     """Time every implementation of ``case``; one result row per implementation (speedup vs the baseline).
 
-    Row keys: op, case, mode, impl, ms (median), ms_p20, ms_p80, peak_mib (CUDA: memory allocated by one call
-    beyond what was allocated before it), tflops, gbps, params, speedup (baseline ms / this ms; None without a
+    On CUDA a first untimed call compiles and tunes. Row keys: op, case, mode, impl, ms (median), ms_p20, ms_p80,
+    peak_mib (CUDA: memory allocated by one call beyond what was allocated before it), tflops, gbps, params, speedup (baseline ms / this ms; None without a
     timed baseline), candidate, baseline, error. ``errors='record'`` turns an implementation that raises into a row
     with ``ms=None`` and the error text instead of propagating the exception (``'raise'``, the default).
     """
@@ -87,6 +87,7 @@ def run_case(case: Case, device: torch.device, *, reps: int = 10, errors: str = 
                                    candidate=case.candidate, baseline=case.baseline, error=None)
         try:
             if device.type == "cuda":
+                fn()  # first call: compiles, and tunes launch configs the tuned file lacks (never timed)
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)

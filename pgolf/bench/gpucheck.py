@@ -1,20 +1,29 @@
-"""``make gpu-check`` / ``pgolf-bench gpu-check``: everything a GPU machine should run, in one command.
+"""``make gpu-check`` / ``pgolf-bench gpu-check``: everything a GPU machine should run, in one command that fits one
+10-minute slot.
 
-Stages, each a subprocess so that a crash (an illegal memory access poisons the CUDA context) or a hang in one
-cannot take the others down, each with its own time limit:
+Stages, in the order of what is worth most if time runs out, each a subprocess so that a crash (an illegal memory
+access poisons the CUDA context) or a hang in one cannot take the others down, each with its own time limit:
 
-1. ``tests``: ``python -m pytest -m gpu tests`` (the GPU-marked tests), with a JUnit XML report;
-2. ``kernels``: ``pgolf-bench kernels``;
-3. ``step``: ``pgolf-bench step --preset sota``;
-4. ``eval``: ``pgolf-bench eval --preset sota``
-(``--smoke`` runs all three with ``--smoke`` and the ``tiny`` preset: a harness check that also works on CPU).
+1. ``tests``: the GPU-marked tests (bf16 correctness of every kernel first: ``tests/kernels``, then the model,
+   eval, training and bench ones; whole-model inductor compiles last), each outcome streamed to disk;
+2. ``kernels``: ``pgolf-bench kernels``, every op against its best alternative, round-robin over ops with the
+   record shapes first; its untimed first calls tune the launch configs the tuned file lacks;
+3. ``step``: ``pgolf-bench step --preset sota --loop off`` (kernels vs the compiled reference);
+4. ``eval``: ``pgolf-bench eval --preset sota`` (sliding eval and TTT projected to 8 GPUs against 600 s)
+(``--smoke`` runs them with ``--smoke`` and the ``tiny`` preset: a harness check that also works on CPU).
 
-Nothing stops at the first failure. The time budget (default 1140 s) is shared out in proportion to
-``Stage.share``; what an early stage leaves unused goes to the later ones. The benchmarks write their JSON after
-every case / variant, so a stage that runs out of time still contributes what it measured. At the end one JSON
-with the sections ``meta``, ``stages``, ``tests``, ``kernels``, ``step``, ``eval`` is written to
-``bench/results/<date>_<device kind>_<commit>.json``, one ``gpu-check`` record with every metric is appended to the
-history, and the exit status is non-zero when a test failed or a stage failed.
+Tuning: stages 2-4 run with ``PGOLF_AUTOTUNE=1 PGOLF_TUNED_WRITE=1``, so every launch config they tune is
+written into this GPU's tuned-config file (``pgolf/kernels/tuned/<gpu>.json``) the moment it is picked; the
+tests run the defaults (``PGOLF_AUTOTUNE=0``) and never write it.
+
+Nothing stops at the first failure. The time budget (default 480 s, so the whole command ends well inside 10
+minutes) is shared out in proportion to ``Stage.share``; what an early stage leaves unused goes to the later
+ones. Every result is on disk as it is measured: the benchmarks rewrite their JSON after every case or variant,
+the tests stream one line per outcome, and after every stage the combined JSON
+``bench/results/<date>_<device kind>_<commit>.json`` (sections ``meta``, ``stages``, ``tests``, ``kernels``,
+``step``, ``eval``, ``tuned``) is rewritten and, with ``--copy-to DIR``, copied to DIR together with the tuned
+file and the logs. At the end one ``gpu-check`` record with every metric is appended to the history; the exit
+status is non-zero when a test failed or a stage failed.
 """
 
 from __future__ import annotations
@@ -35,7 +44,12 @@ from typing import Any, Callable
 
 from pgolf.utils import atomic_write_json
 
-DEFAULT_BUDGET_S = 1140.0
+DEFAULT_BUDGET_S = 480.0
+MIN_STAGE_S = 10.0   # a stage started after the budget is spent still gets this long
+KILL_GRACE_S = 5.0   # between SIGTERM and SIGKILL of a stage past its limit
+# Test folders in the order their GPU tests are worth most: kernel correctness first.
+TEST_ORDER = ["tests/kernels", "tests/model", "tests/eval", "tests/train", "tests/quant", "tests/data", "tests/bench"]
+TUNE_ENV = {"PGOLF_AUTOTUNE": "1", "PGOLF_TUNED_WRITE": "1"}
 
 
 @dataclass
@@ -52,17 +66,21 @@ def default_stages(python: str, tmp: Path, *, smoke: bool = False, pytest_args: 
     bench = [python, "-m", "pgolf.bench"]
     preset = preset or ("tiny" if smoke else "sota")
     sm = ["--smoke"] if smoke else []
-    step_args = ["--steps", str(step_steps)] if step_steps else []
+    if smoke:
+        step_args = ["--steps", str(step_steps)] if step_steps else []
+    else:  # one compile per variant is most of the stage: few steps are enough for a median
+        step_args = ["--steps", str(step_steps or 10), "--warmup", "3"]
     return [
-        Stage("tests", [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                        "--continue-on-collection-errors",
-                        f"--junitxml={tmp / 'junit.xml'}", *(pytest_args or ["tests"])], 0.20),
-        Stage("kernels", [*bench, "kernels", *sm, "--json", str(tmp / "kernels.json"), "--no-history"], 0.25,
-              str(tmp / "kernels.json")),
-        Stage("step", [*bench, "step", "--preset", preset, *sm, *step_args, "--json", str(tmp / "step.json"),
-                       "--no-history"], 0.40, str(tmp / "step.json")),
+        Stage("tests", [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-p",
+                        "pgolf.bench.pytest_stream", "--continue-on-collection-errors",
+                        f"--junitxml={tmp / 'junit.xml'}", *(pytest_args or TEST_ORDER)], 0.30,
+              env={"PGOLF_AUTOTUNE": "0", "PGOLF_TEST_STREAM": str(tmp / "tests.jsonl")}),
+        Stage("kernels", [*bench, "kernels", *sm, "--json", str(tmp / "kernels.json"), "--no-history"], 0.30,
+              str(tmp / "kernels.json"), env=dict(TUNE_ENV)),
+        Stage("step", [*bench, "step", "--preset", preset, *sm, *step_args, "--loop", "off", "--json",
+                       str(tmp / "step.json"), "--no-history"], 0.25, str(tmp / "step.json"), env=dict(TUNE_ENV)),
         Stage("eval", [*bench, "eval", "--preset", preset, *sm, "--json", str(tmp / "eval.json"), "--no-history"],
-              0.15, str(tmp / "eval.json")),
+              0.15, str(tmp / "eval.json"), env=dict(TUNE_ENV)),
     ]
 
 
@@ -137,7 +155,7 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         pass
     if sig == signal.SIGTERM:
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=KILL_GRACE_S)
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -180,12 +198,10 @@ def run_gpu_check(*, budget_s: float = DEFAULT_BUDGET_S, results_dir: str | os.P
                   history: str | os.PathLike | None = None, smoke: bool = False, python: str | None = None,
                   pytest_args: list[str] | None = None, step_steps: int | None = None, preset: str | None = None,
                   skip: tuple[str, ...] = (),
-                  copy_to: str | None = None, stages: list[Stage] | None = None, min_stage_s: float = 30.0,
+                  copy_to: str | None = None, stages: list[Stage] | None = None, min_stage_s: float = MIN_STAGE_S,
                   echo: Callable[[str], None] = print) -> tuple[int, dict[str, Any], Path]:
     """Run every stage; returns (exit status, the combined result, its path)."""
-    from pgolf.bench import evalbench, kernels, step
-    from pgolf.bench.env import REPO_ROOT, command_line, environment, resolve_device
-    from pgolf.bench.history import append_record, default_history_path, make_record, metric
+    from pgolf.bench.env import command_line, environment, resolve_device
 
     t_start = time.perf_counter()
     device = resolve_device("auto")
@@ -193,37 +209,64 @@ def run_gpu_check(*, budget_s: float = DEFAULT_BUDGET_S, results_dir: str | os.P
     results_dir = Path(results_dir)
     out_path = results_dir / results_filename(env_info)
     tmp = results_dir / f".tmp-{out_path.stem}"
+    logs_dir = results_dir / "logs" / out_path.stem
     tmp.mkdir(parents=True, exist_ok=True)
-    python = python or sys.executable
-    stages = stages if stages is not None else default_stages(python, tmp, smoke=smoke, pytest_args=pytest_args,
-                                                              step_steps=step_steps, preset=preset)
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    stages = stages if stages is not None else default_stages(python or sys.executable, tmp, smoke=smoke,
+                                                              pytest_args=pytest_args, step_steps=step_steps,
+                                                              preset=preset)
     stages = [s for s in stages if s.name not in skip]
-    child_env = dict(os.environ)
-    child_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in
-                                             child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    if env_info.get("commit") and env_info["commit"] != "unknown":
-        child_env["PGOLF_COMMIT"] = env_info["commit"]
     echo(f"gpu-check on {env_info.get('gpu_name') or 'CPU'} ({env_info['device_kind']}), commit "
          f"{env_info['commit_short']}, torch {env_info['torch']}, triton {env_info['triton']}; budget {budget_s:.0f}s")
     combined: dict[str, Any] = dict(meta=env_info, budget_s=budget_s, smoke=smoke, command=command_line(), stages={},
-                                    tests=None, kernels=None, step=None, eval=None)
+                                    tests=None, kernels=None, step=None, eval=None, tuned=None, status="running")
     deadline = time.perf_counter() + budget_s
     for i, st in enumerate(stages):
-        remaining = deadline - time.perf_counter()
-        share = st.share / sum(s.share for s in stages[i:])
-        limit = max(min_stage_s, remaining * share)
-        info = run_stage(st, limit, tmp / f"{st.name}.log", child_env, echo)
-        combined["stages"][st.name] = info
-        if st.output:
-            try:
-                data = json.loads(Path(st.output).read_text())
-                combined[st.name] = data.get("result", data)
-            except (OSError, json.JSONDecodeError) as e:
-                combined[st.name] = dict(error=f"no results from stage {st.name}: {e}")
-        if st.name == "tests":
-            combined["tests"] = parse_junit(tmp / "junit.xml") or dict(error="no JUnit report (see the stage log)")
-            combined["tests"]["rc"] = info["rc"]
-    combined["seconds"] = round(time.perf_counter() - t_start, 1)
+        limit = max(min_stage_s, (deadline - time.perf_counter()) * st.share / sum(s.share for s in stages[i:]))
+        info = run_stage(st, limit, logs_dir / f"{st.name}.log", _child_env(env_info), echo)
+        _collect(combined, st, info, tmp)
+        combined["seconds"] = round(time.perf_counter() - t_start, 1)
+        _save(combined, out_path, logs_dir, copy_to, device)  # what is measured is on disk after every stage
+    rc, hist = _finish(combined, env_info, history, out_path, smoke)
+    _save(combined, out_path, logs_dir, copy_to, device, history=hist)
+    shutil.rmtree(tmp, ignore_errors=True)
+    _print_outcome(combined, out_path, hist, logs_dir, echo)
+    return rc, combined, out_path
+
+
+def _child_env(env_info: dict[str, Any]) -> dict[str, str]:
+    from pgolf.bench.env import REPO_ROOT
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                            if p])
+    if env_info.get("commit") and env_info["commit"] != "unknown":
+        env["PGOLF_COMMIT"] = env_info["commit"]
+    return env
+
+
+def _collect(combined: dict[str, Any], st: Stage, info: dict[str, Any], tmp: Path) -> None:
+    """Put a finished stage's outcome and results into the combined result."""
+    combined["stages"][st.name] = info
+    if st.output:
+        try:
+            data = json.loads(Path(st.output).read_text())
+            combined[st.name] = data.get("result", data)
+        except (OSError, json.JSONDecodeError) as e:
+            combined[st.name] = dict(error=f"no results from stage {st.name}: {e}")
+    if st.name == "tests":
+        from pgolf.bench.pytest_stream import read_stream
+
+        tests = parse_junit(tmp / "junit.xml") or read_stream(tmp / "tests.jsonl")
+        combined["tests"] = dict(tests or dict(error="no JUnit report and no streamed results (see the stage log)"),
+                                 rc=info["rc"], timed_out=info["timed_out"])
+
+
+def _finish(combined: dict[str, Any], env_info: dict[str, Any], history, out_path: Path, smoke: bool
+            ) -> tuple[int, Path]:
+    """The verdict and the history record; returns (exit status, history path)."""
+    from pgolf.bench import evalbench, kernels, step
+    from pgolf.bench.history import append_record, default_history_path, make_record, metric
 
     metrics: dict[str, dict[str, Any]] = {}
     for name, mod in (("kernels", kernels), ("step", step), ("eval", evalbench)):
@@ -231,46 +274,67 @@ def run_gpu_check(*, budget_s: float = DEFAULT_BUDGET_S, results_dir: str | os.P
         if isinstance(sec, dict) and "error" not in sec:
             try:
                 metrics.update(mod.metrics(sec))
-            except Exception as e:  # noqa: BLE001 - partial sections
-                echo(f"[gpu-check] no metrics from {name}: {type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001 - a partial section gives no metrics
+                pass
     t = combined.get("tests") or {}
     if "tests" in t:
         metrics["tests/gpu/failed"] = metric(t["failures"] + t["errors"], "tests", "lower", threshold=0.0)
         metrics["tests/gpu/passed"] = metric(t["passed"], "tests", None)
-
     tests_failed = bool(t.get("failures") or t.get("errors")) or (t.get("rc") not in (None, 0, 5))
-    failed_stages = [n for n, s in combined["stages"].items()
-                     if n != "tests" and (s["rc"] != 0 or s["timed_out"])]
+    failed_stages = [n for n, s in combined["stages"].items() if n != "tests" and (s["rc"] != 0 or s["timed_out"])]
     rc = 1 if tests_failed or failed_stages else 0
     combined["status"] = dict(exit=rc, tests_failed=tests_failed, failed_stages=failed_stages)
-    atomic_write_json(out_path, combined)
     hist = Path(history) if history else default_history_path()
-    rec = make_record("gpu-check", env_info, metrics, smoke=smoke, command=combined["command"],
-                      results_file=_rel(out_path))
-    append_record(hist, rec)
-    shutil.rmtree(tmp / "__pycache__", ignore_errors=True)
-    logs_dir = results_dir / "logs" / out_path.stem
-    logs_dir.mkdir(parents=True, exist_ok=True)
-    for f in tmp.glob("*.log"):
-        shutil.move(str(f), logs_dir / f.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    if copy_to:
-        dest = Path(copy_to)
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(out_path, dest / out_path.name)
-        shutil.copy2(hist, dest / hist.name)
-        shutil.copytree(logs_dir, dest / "logs", dirs_exist_ok=True)
+    append_record(hist, make_record("gpu-check", env_info, metrics, smoke=smoke, command=combined["command"],
+                                    results_file=_rel(out_path)))
+    return rc, hist
+
+
+def _save(combined: dict[str, Any], out_path: Path, logs_dir: Path, copy_to: str | None, device,
+          history: Path | None = None) -> None:
+    """Write the combined JSON (with the tuned file as it is now) and copy results, tuned file, logs to copy_to."""
+    tuned = _tuned_file(device)
+    if tuned is not None and tuned.is_file():
+        combined["tuned"] = dict(file=_rel(tuned), content=json.loads(tuned.read_text()))
+    atomic_write_json(out_path, combined)
+    if not copy_to:
+        return
+    dest = Path(copy_to)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out_path, dest / out_path.name)
+    if tuned is not None and tuned.is_file():
+        shutil.copy2(tuned, dest / tuned.name)
+    if history is not None:
+        shutil.copy2(history, dest / history.name)
+    shutil.copytree(logs_dir, dest / "logs", dirs_exist_ok=True)
+
+
+def _tuned_file(device) -> Path | None:
+    """This GPU's tuned-config file (None off CUDA)."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    from pgolf.kernels import tuning
+
+    return tuning.path(device)
+
+
+def _print_outcome(combined: dict[str, Any], out_path: Path, hist: Path, logs_dir: Path,
+                   echo: Callable[[str], None]) -> None:
+    t = combined.get("tests") or {}
     echo("")
-    echo(f"gpu-check: {len(stages)} stages in {combined['seconds']:.0f}s; results {out_path}; history {hist}")
+    echo(f"gpu-check: {len(combined['stages'])} stages in {combined['seconds']:.0f}s; results {out_path}; "
+         f"history {hist}")
+    if combined.get("tuned"):
+        echo(f"tuned launch configs: {combined['tuned']['file']}")
     if "tests" in t:
-        echo(f"tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped")
+        echo(f"tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped"
+             f"{' (stopped at its time limit)' if t.get('timed_out') else ''}")
         for f in t.get("failed", [])[:20]:
             echo(f"  FAILED {f['id']}: {f['message']}")
-    for n in failed_stages:
+    for n in combined["status"]["failed_stages"]:
         s = combined["stages"][n]
         echo(f"stage {n} failed: rc {s['rc']}{' (timed out)' if s['timed_out'] else ''}; log {logs_dir / (n + '.log')}")
-    echo(f"exit status {rc}")
-    return rc, combined, out_path
+    echo(f"exit status {combined['status']['exit']}")
 
 
 def _rel(p: Path) -> str:

@@ -1,6 +1,6 @@
 """``pgolf-bench kernels``: every op's benchmark cases against their alternatives.
 
-Op modules are discovered at run time: every module ``pgolf/bench/ops/<op>.py`` that defines
+Cases run round-robin over ops (:func:`interleave`). Op modules are discovered at run time: every module ``pgolf/bench/ops/<op>.py`` that defines
 ``cases(smoke: bool, device) -> list[Case]`` (see :mod:`pgolf.bench.core`). A module that is missing, fails to
 import or raises while listing its cases is reported and skipped; an implementation that raises while being timed
 becomes an error row. Between cases the compile caches are reset (``torch._dynamo.reset()``), so no case can
@@ -81,6 +81,7 @@ def run_kernels(*, smoke: bool, device: torch.device, ops: Iterable[str] | None 
     t0 = time.perf_counter()
     modules = discover(package)
     cases, status = collect_cases(modules, smoke=smoke, device=device, ops=ops)
+    cases = interleave(cases)
     for op, st in status.items():
         if st["status"] != "ok":
             log(f"[kernels] {op}: {st['status']}: {st['error']}")
@@ -108,6 +109,16 @@ def run_kernels(*, smoke: bool, device: torch.device, ops: Iterable[str] | None 
     reset_device(device)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
+
+
+def interleave(cases: list[Case]) -> list[Case]:
+    """Round-robin over ops, each op's cases in their own order (its record shape first), so a run cut short by a
+    time limit has measured every op."""
+    by_op: dict[str, list[Case]] = {}
+    for c in cases:
+        by_op.setdefault(c.op, []).append(c)
+    queues = list(by_op.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
 def _jsonable(x: Any) -> Any:

@@ -17,7 +17,7 @@ from pgolf.bench.core import Case
 from pgolf.bench.ops import standard_impls
 from pgolf.kernels import reference
 
-FULL_SHAPES = [(2048, 512, 2048), (16384, 512, 2048), (98304, 512, 2048)]  # (M, d, hidden)
+FULL_SHAPES = [(98304, 512, 2048), (16384, 512, 2048), (2048, 512, 2048)]  # (M, d, hidden), the record first
 SMOKE_SHAPES = [(32, 16, 40)]
 SLOPE = 0.5
 
@@ -55,7 +55,7 @@ def cases(smoke: bool, device) -> list[Case]:
     baseline = "compiled" if device.type == "cuda" else "eager"
     out = []
     for M, d, H in shapes:
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in ("fwd+bwd", "fwd"):
             gemm = 2 * M * d * H
             out.append(Case(
                 op="mlp", name=f"mlp {mode} M={M} d={d} H={H}", mode=mode,
