@@ -158,7 +158,7 @@ LARGE_CONFIGS = {
 }
 SMALL_CONFIGS = {  # BM comes from M (max(16, next_pow2(M))), SPLIT_K from _split_k
     "half": [_cfg(8, 4, BN=64, BK=128, GROUP_M=1), _cfg(4, 4, BN=32, BK=128, GROUP_M=1),
-             _cfg(8, 3, BN=64, BK=256, GROUP_M=1), _cfg(8, 3, BN=128, BK=128, GROUP_M=1)],
+             _cfg(8, 3, BN=64, BK=256, GROUP_M=1), _cfg(8, 3, BN=128, BK=64, GROUP_M=1)],
     "float32": [_cfg(4, 3, BN=32, BK=64, GROUP_M=1), _cfg(8, 3, BN=64, BK=64, GROUP_M=1)],
 }
 REDUCE = _cfg(4, 1, BLOCK_M=16, BLOCK_N=128)

@@ -223,7 +223,7 @@ def _cfg(num_warps: int, num_stages: int, **tiles) -> dict:
 # The first of each list is the default; fp32 (ieee dots on CUDA cores) needs smaller tiles per warp.
 SYM_CONFIGS = dict(half=[_cfg(8, 3, BLOCK=128, BK=64), _cfg(4, 3, BLOCK=64, BK=64), _cfg(4, 4, BLOCK=64, BK=32),
                          _cfg(8, 4, BLOCK=128, BK=32)],
-                   float32=[_cfg(4, 3, BLOCK=64, BK=32), _cfg(4, 3, BLOCK=32, BK=32)])
+                   float32=[_cfg(8, 3, BLOCK=64, BK=32), _cfg(4, 3, BLOCK=32, BK=32)])
 UPDATE_CONFIGS = dict(half=[_cfg(8, 3, BM=128, BN=128, BK=64), _cfg(4, 3, BM=64, BN=64, BK=64),
                             _cfg(4, 4, BM=64, BN=128, BK=64), _cfg(8, 4, BM=128, BN=64, BK=32),
                             _cfg(8, 3, BM=128, BN=256, BK=32)],
