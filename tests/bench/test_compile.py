@@ -99,3 +99,11 @@ def test_bad_arguments_are_named(args, named, capsys):
     assert main(["compile", "--quick", *args]) == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
+
+
+def test_tune_without_a_gpu_says_so(capsys):
+    assert main(["tune", "--op", "mlp"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "pgolf-bench compile" in err and "Traceback" not in err
+    assert main(["tune", "--op", "mlpp"]) == 2
+    assert "--op mlpp" in capsys.readouterr().err
