@@ -92,7 +92,7 @@ def _attention_calls(dt, t: Tensors):
         q = t.randn(B, T, HEADS, HEAD_DIM, dtype=dt)
         k, v = (t.randn(B, T, KV_HEADS, HEAD_DIM, dtype=dt) for _ in range(2))
         cu = t.cu_seqlens(T) if packed else None
-        out, lse, xc = xa._forward(q, k, v, cu, True)
+        out, lse, xc = xa._forward(q, k, v, cu, True, stats=backward)  # eval runs the forward-only variant
         if backward:
             xa._backward(t.randn(B, T, HEADS, HEAD_DIM, dtype=dt), q, k, v, out, lse, xc, cu, True)
     yield f"train packed docs T={TRAIN_TOKENS}", lambda: run(1, TRAIN_TOKENS, True, True)

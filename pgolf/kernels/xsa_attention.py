@@ -34,7 +34,9 @@ Design
 * **Launch configs.** The kernels ``attention.fwd``, ``.pre``, ``.dkdv`` and ``.dq`` of :mod:`pgolf.kernels.launch`
   (keys: power-of-two bucket of T, D, G, dtype, XSA, documents).
 * **Integration.** ``torch.library.custom_op`` ops ``pgolf::xsa_attention_fwd`` / ``pgolf::xsa_attention_bwd``
-  with fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces the call as one node.
+  with fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces the call as one node. When no
+  gradient can flow (grad mode off, or no input requires grad: eval and TTT scoring) ``pgolf::xsa_attention_infer``
+  runs the forward kernel with ``STATS=False``: it neither allocates nor writes the log-sum-exp and XSA coefficient.
 
 Interpreter notes: bf16 ``tl.dot`` is wrong under the interpreter, so CPU tests use fp32/fp16 (fp32 dots
 use ``input_precision="ieee"`` everywhere so fp32 results are true fp32).
@@ -89,7 +91,7 @@ def _attn_fwd(Q, K, V, O, LSE, XC, DS,
               sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
               T, Hq, Hkv, qk_scale,
               D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_DOCS: tl.constexpr, XSA: tl.constexpr, PREC: tl.constexpr):
+              HAS_DOCS: tl.constexpr, XSA: tl.constexpr, PREC: tl.constexpr, STATS: tl.constexpr):
     TOK: tl.constexpr = BLOCK_M // G
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -139,8 +141,10 @@ def _attn_fwd(Q, K, V, O, LSE, XC, DS,
         vhat = vs * inv[:, None]
         c = tl.sum(acc * vhat, 1)
         acc = acc - c[:, None] * vhat
-        tl.store(XC + row_off, c, mask=row_ok)
-    tl.store(LSE + row_off, m_i + tl.log2(l_safe), mask=row_ok)
+        if STATS:
+            tl.store(XC + row_off, c, mask=row_ok)
+    if STATS:  # only the backward reads them: the forward-only variant skips both stores
+        tl.store(LSE + row_off, m_i + tl.log2(l_safe), mask=row_ok)
     tl.store(O + b * so_b + tq64[:, None] * so_t + hq[:, None] * so_h + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
 
@@ -436,22 +440,25 @@ def _last_contig(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], xsa: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], xsa: bool,
+             stats: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, lse, xsa coefficient); with ``stats=False`` (forward only) lse and the coefficient are empty and the kernel
+    does not write them."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     out = launcher.new_output((B, T, Hq, D), q.dtype, q.device)
-    lse = launcher.new_output((B, T, Hq), torch.float32, q.device)
-    xc = launcher.new_output((B, T, Hq) if xsa else (0,), torch.float32, q.device)
+    lse = launcher.new_output((B, T, Hq) if stats else (0,), torch.float32, q.device)
+    xc = launcher.new_output((B, T, Hq) if xsa and stats else (0,), torch.float32, q.device)
     if T == 0 or B == 0:
         return out, lse, xc
     has_docs = cu_seqlens is not None
-    ds = doc_bounds(cu_seqlens, T, q.device)[0] if has_docs else lse
+    ds = doc_bounds(cu_seqlens, T, q.device)[0] if has_docs else out
     sm_scale = 1.0 / math.sqrt(D)
-    args = (q, k, v, out, lse, xc, ds, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+    args = (q, k, v, out, lse if stats else out, xc if stats and xsa else out, ds, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             T, Hq, Hkv, sm_scale * LOG2E)
-    meta = dict(D=D, G=G, HAS_DOCS=has_docs, XSA=xsa, PREC=_prec(q.dtype))
+    meta = dict(D=D, G=G, HAS_DOCS=has_docs, XSA=xsa, PREC=_prec(q.dtype), STATS=stats)
     FWD.run(lambda c: (triton.cdiv(T, c["BLOCK_M"] // G), B * Hkv), args, meta,
             key=_config_key(T, D, G, q.dtype, xsa, has_docs), device=q.device)
     return out, lse, xc
@@ -529,6 +536,17 @@ def _(dout, q, k, v, out, lse, xc, cu_seqlens, xsa):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.custom_op("pgolf::xsa_attention_infer", mutates_args=())
+def xsa_attention_infer(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], xsa: bool) -> Tensor:
+    """Forward only (no autograd): y alone; the kernel skips the log-sum-exp and XSA stores the backward needs."""
+    return _forward(q, k, v, cu_seqlens, xsa, stats=False)[0]
+
+
+@xsa_attention_infer.register_fake
+def _(q, k, v, cu_seqlens, xsa):
+    return q.new_empty(q.shape)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, xsa = inputs
     out, lse, xc = output
@@ -564,7 +582,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, xsa: bool = False, cu_seqlens:
         k = k.to(q.dtype)
     if v.dtype != q.dtype:
         v = v.to(q.dtype)
-    return torch.ops.pgolf.xsa_attention_fwd(q, k, v, cu_seqlens, bool(xsa))[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return torch.ops.pgolf.xsa_attention_fwd(q, k, v, cu_seqlens, bool(xsa))[0]
+    return torch.ops.pgolf.xsa_attention_infer(q, k, v, cu_seqlens, bool(xsa))
 
 
 def _register() -> None:

@@ -312,3 +312,25 @@ def test_gpu_compile_inductor_fullgraph():
         results.append([t.grad for t in leaves])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_forward_only_variant_writes_no_backward_state(monkeypatch):
+    """Without a gradient to compute, attention runs the kernel with STATS=False: the same y, and no log-sum-exp or
+    XSA coefficient allocated or written (they exist only for the backward)."""
+    q, k, v, _ = make_inputs(1, 37, 4, 2, 16, seed=9)
+    q, k, v = q.float(), k.float(), v.float()
+    cu = padded_cu([10, 27])
+    y_full, lse, xc = torch.ops.pgolf.xsa_attention_fwd(q, k, v, cu, True)
+    y, lse0, xc0 = xa._forward(q, k, v, cu, True, stats=False)
+    assert lse.numel() > 0 and lse0.numel() == 0 and xc0.numel() == 0
+    assert torch.equal(y, y_full)
+    seen = []
+    real = xa._forward
+    monkeypatch.setattr(xa, "_forward", lambda *a, stats=True: seen.append(stats) or real(*a, stats=stats))
+    with kernels.use_backend("triton", op="attention"):
+        with torch.no_grad():
+            kernels.attention(q, k, v, xsa=True, cu_seqlens=cu)
+        kernels.attention(q, k, v, xsa=True, cu_seqlens=cu)  # nothing requires grad: still forward-only
+        leaf = q.clone().requires_grad_(True)
+        kernels.attention(leaf, k, v, xsa=True, cu_seqlens=cu).sum().backward()
+    assert seen == [False, False, True] and leaf.grad is not None
