@@ -9,7 +9,8 @@ float64; ``val_bpb = Σ nll / (ln 2 · Σ bytes)``.
 Windows are split contiguously across ranks (rank ``r`` of ``W`` takes windows ``[n·r//W, n·(r+1)//W)``) and the
 three sums are all-reduced (SUM) when a process group is running. With ``doc_isolated`` the windows of a batch are
 flattened into one ``(1, B·T)`` row and ``cu_seqlens`` marks every window start and every BOS position, so attention
-never crosses a window or a document.
+never crosses a window or a document. The windows are scored by :class:`pgolf.eval.scoring.WindowScorer`: trunk on
+every position, head and loss on the scored rows only, forward only.
 """
 
 from __future__ import annotations
@@ -24,11 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pgolf.data.tokenizer import ByteTables, bits_per_byte, count_bytes
-
-# cu_seqlens of a doc-isolated batch is padded (by repeating its total) to a multiple of this length, so that a
-# compiled model sees only a few distinct shapes.
-CU_SEQLENS_MULTIPLE = 64
+from pgolf.data.tokenizer import ByteTables, bits_per_byte
+from pgolf.eval.scoring import WindowScorer, eval_copy, model_device
 
 
 @dataclass
@@ -50,6 +48,8 @@ class EvalResult:
     rank: int
     world_size: int
     reduced: bool  # sums were all-reduced across ranks (or world_size == 1)
+    scored_rows_only: bool = True  # the head ran on the scored rows only (False: on every position)
+    warmup_s: float = 0.0  # compile/capture warm-up on random tokens, before the timed region (not in seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,11 +76,7 @@ def _rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+    return model_device(model)
 
 
 @contextlib.contextmanager
@@ -105,72 +101,23 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _window_cu_seqlens(x_flat: Tensor, width: int, bos_id: int | None,
-                       multiple: int = CU_SEQLENS_MULTIPLE) -> Tensor:
-    """cu_seqlens (int32) of a flattened batch of windows of ``width`` tokens each.
+def _score_plan(model: nn.Module, tokens: Tensor, tables: ByteTables, starts: Tensor, lengths: Tensor,
+                offsets: Tensor, *, width: int, batch: int, doc_isolated: bool, bos_id: int,
+                autocast_dtype: torch.dtype | None, gather: bool, compile: bool, cuda_graphs: bool,
+                vocab_size: int | None) -> tuple[tuple[Tensor, Tensor, Tensor], float, bool]:
+    """(sums, warm-up seconds, whether only scored rows went through the head) of a window plan (CPU int64 tensors) with one :class:`WindowScorer`; weights are
+    cast to the autocast dtype once. A compiled scorer is warmed up on random tokens first."""
+    scorer_model = eval_copy(model, autocast_dtype)
+    scorer = WindowScorer(scorer_model, tables, width=width, batch=batch, doc_isolated=doc_isolated, bos_id=bos_id,
+                          autocast_dtype=autocast_dtype, gather=gather, compile=compile, cuda_graphs=cuda_graphs,
+                          device=tokens.device)
+    warm = 0.0
+    with _eval_mode(scorer_model):
+        if (compile or cuda_graphs) and starts.numel():
+            from pgolf.eval.scoring import gathered_rows
 
-    Segment starts are every window start (multiples of ``width``) and every position holding ``bos_id``; the
-    result ends with the total length and is padded to a multiple of ``multiple`` entries by repeating the total.
-    """
-    total = x_flat.numel()
-    if total % width:
-        raise ValueError(f"flattened length {total} is not a multiple of the window width {width}")
-    is_start = torch.zeros(total, dtype=torch.bool, device=x_flat.device)
-    is_start[::width] = True
-    if bos_id is not None:
-        is_start |= x_flat == bos_id
-    starts = torch.nonzero(is_start).flatten()
-    n = starts.numel() + 1
-    padded = -(-n // multiple) * multiple if multiple > 1 else n
-    cu = torch.full((padded,), total, dtype=torch.int32, device=x_flat.device)
-    cu[: n - 1] = starts.to(torch.int32)
-    return cu
-
-
-def _score_windows(model: nn.Module, tokens: Tensor, tables: ByteTables, starts: Tensor, lengths: Tensor,
-                   offsets: Tensor, *, width: int, batch: int, doc_isolated: bool, bos_id: int,
-                   autocast_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Σ nll (float64), Σ bytes and scored count (int64) over the given windows (device tensors, no host sync).
-
-    Window ``i`` feeds ``tokens[starts[i] : starts[i] + lengths[i]]`` (padded to ``width``) and scores positions
-    ``offsets[i] .. lengths[i] - 1``. The last batch is filled up with unscored dummy windows so every forward has
-    the same ``(batch, width)`` shape. Padding sits after the real tokens of its row, so a causal model's scores of
-    real positions do not depend on it.
-    """
-    device = tokens.device
-    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-    byte_sum = torch.zeros((), dtype=torch.int64, device=device)
-    count = torch.zeros((), dtype=torch.int64, device=device)
-    n = starts.numel()
-    if n == 0:
-        return nll_sum, byte_sum, count
-    last = tokens.numel() - 2  # highest index an input token may have (its target is tokens[last + 1])
-    ar = torch.arange(width, device=device)
-    for b0 in range(0, n, batch):
-        s, ln, off = starts[b0:b0 + batch], lengths[b0:b0 + batch], offsets[b0:b0 + batch]
-        if s.numel() < batch:  # dummy windows: start 0, nothing scored
-            fill = batch - s.numel()
-            s = torch.cat([s, s.new_zeros(fill)])
-            ln = torch.cat([ln, ln.new_full((fill,), width)])
-            off = torch.cat([off, off.new_full((fill,), width)])
-        idx = s[:, None] + ar[None, :]
-        valid = ar[None, :] < ln[:, None]
-        idx = torch.where(valid, idx, 0).clamp_(max=last)
-        x = torch.where(valid, tokens[idx], 0)
-        y = torch.where(valid, tokens[idx + 1], 0)
-        scored = valid & (ar[None, :] >= off[:, None])
-        with _autocast(device, autocast_dtype):
-            if doc_isolated:
-                x_flat = x.reshape(1, -1)
-                cu = _window_cu_seqlens(x_flat[0], width, bos_id)
-                nll = model.loss(x_flat, y.reshape(1, -1), cu_seqlens=cu, max_seqlen=width, reduction="none")
-            else:
-                nll = model.loss(x, y, reduction="none")
-        nll = nll.reshape(x.shape).to(torch.float64)
-        nll_sum += torch.where(scored, nll, 0.0).sum()
-        byte_sum += torch.where(scored, count_bytes(x, y, tables), 0).sum()
-        count += scored.sum()
-    return nll_sum, byte_sum, count
+            warm = scorer.warmup(vocab_size or int(tokens.max()) + 1, gathered_rows(lengths, offsets, width))
+        return scorer.score(tokens, starts, lengths, offsets), warm, scorer.gather
 
 
 def _finish(nll_sum: Tensor, byte_sum: Tensor, count: Tensor, *, reduce: bool, rank: int, world_size: int,
@@ -210,14 +157,16 @@ def _prepare_tokens(val_tokens: Tensor, device: torch.device) -> Tensor:
 
 def evaluate(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, seq_len: int, batch_seqs: int = 8,
              doc_isolated: bool = False, bos_id: int = 1, rank: int | None = None, world_size: int | None = None,
-             autocast_dtype: torch.dtype | None = None, reduce: bool = True) -> EvalResult:
+             autocast_dtype: torch.dtype | None = None, reduce: bool = True, compile: bool = False,
+             cuda_graphs: bool = False) -> EvalResult:
     """Plain eval over non-overlapping windows of ``seq_len`` targets.
 
     ``val_tokens`` holds ``k·seq_len + 1`` tokens (a longer tail that does not fill a window is dropped); window
     ``i`` is ``x = tokens[i·seq_len : (i+1)·seq_len]``, ``y`` the same shifted by one, and every target is scored
     with the context inside its window only. ``model.loss(x, y, reduction='none')`` must return the per-token nll in
     nats. ``reduce=False`` skips the all-reduce and returns this rank's partial sums (e.g. to split ranks by hand
-    without a process group).
+    without a process group). ``compile`` / ``cuda_graphs``: see :class:`pgolf.eval.scoring.WindowScorer`; their
+    warm-up on random tokens runs before the clock starts (``EvalResult.warmup_s``).
     """
     if seq_len < 1 or batch_seqs < 1:
         raise ValueError(f"need seq_len >= 1 and batch_seqs >= 1, got {seq_len}, {batch_seqs}")
@@ -230,11 +179,13 @@ def evaluate(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, seq_le
         raise ValueError(f"val_tokens has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     tables = tables.to(device)
     lo, hi = _rank_slice(n_windows, rank, world_size)
-    starts = torch.arange(lo, hi, device=device, dtype=torch.int64) * seq_len
+    starts = torch.arange(lo, hi, dtype=torch.int64) * seq_len
     lengths = torch.full_like(starts, seq_len)
     offsets = torch.zeros_like(starts)
-    with _eval_mode(model):
-        sums = _score_windows(model, tokens, tables, starts, lengths, offsets, width=seq_len, batch=batch_seqs,
-                              doc_isolated=doc_isolated, bos_id=bos_id, autocast_dtype=autocast_dtype)
-    return _finish(*sums, reduce=reduce, rank=rank, world_size=world_size, t0=t0, mode="plain", seq_len=seq_len,
-                   stride=None, batch=batch_seqs, doc_isolated=doc_isolated, windows=n_windows)
+    sums, warm, gathered = _score_plan(model, tokens, tables, starts, lengths, offsets, width=seq_len,
+                                       batch=batch_seqs, doc_isolated=doc_isolated, bos_id=bos_id,
+                                       autocast_dtype=autocast_dtype, gather=True, compile=compile,
+                                       cuda_graphs=cuda_graphs, vocab_size=None)
+    return _finish(*sums, reduce=reduce, rank=rank, world_size=world_size, t0=t0 + warm, mode="plain",
+                   seq_len=seq_len, stride=None, batch=batch_seqs, doc_isolated=doc_isolated, windows=n_windows,
+                   scored_rows_only=gathered, warmup_s=warm)

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from pgolf.data.tokenizer import ByteTables
-from pgolf.eval.bpb import (EvalResult, _eval_mode, _finish, _model_device, _prepare_tokens, _rank_slice,
-                            _resolve_rank, _score_windows)
+from pgolf.eval.bpb import (EvalResult, _finish, _model_device, _prepare_tokens, _rank_slice, _resolve_rank,
+                            _score_plan)
 
 
 def _plan_tensors(n_targets: int, window: int, stride: int, device=None) -> tuple[Tensor, Tensor, Tensor]:
@@ -54,12 +54,15 @@ def window_plan(n_targets: int, window: int, stride: int) -> list[tuple[int, int
 def evaluate_sliding(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, window: int = 2048,
                      stride: int = 64, batch_windows: int = 32, doc_isolated: bool = False, bos_id: int = 1,
                      rank: int | None = None, world_size: int | None = None,
-                     autocast_dtype: torch.dtype | None = None, reduce: bool = True) -> EvalResult:
+                     autocast_dtype: torch.dtype | None = None, reduce: bool = True, scored_rows_only: bool = True,
+                     compile: bool = False, cuda_graphs: bool = False) -> EvalResult:
     """Sliding-window eval over all ``N = len(val_tokens) − 1`` targets (see the module docstring for the plan).
 
     Windows go ``batch_windows`` per forward as ``(B, window)`` (the short last window is padded at its end), or,
     with ``doc_isolated``, flattened to ``(1, B·window)`` with cu_seqlens at window starts and BOS positions. The
-    plan is split contiguously across ranks; ``reduce=False`` returns this rank's partial sums.
+    plan is split contiguously across ranks; ``reduce=False`` returns this rank's partial sums. The head and loss
+    run on the scored rows only (``scored_rows_only=False``: on every position, then masked, the old path);
+    ``compile`` / ``cuda_graphs`` as in :class:`pgolf.eval.scoring.WindowScorer`, warmed up before the clock starts.
     """
     if batch_windows < 1:
         raise ValueError(f"need batch_windows >= 1, got {batch_windows}")
@@ -68,13 +71,16 @@ def evaluate_sliding(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *
     device = _model_device(model)
     tokens = _prepare_tokens(val_tokens, device)
     n_targets = max(tokens.numel() - 1, 0)
-    starts, ends, offsets = _plan_tensors(n_targets, window, stride, device=device)
+    starts, ends, offsets = _plan_tensors(n_targets, window, stride)
     n_windows = starts.numel()
     lo, hi = _rank_slice(n_windows, rank, world_size)
     tables = tables.to(device)
-    with _eval_mode(model):
-        sums = _score_windows(model, tokens, tables, starts[lo:hi], (ends - starts)[lo:hi], offsets[lo:hi],
-                              width=min(window, n_targets) if n_targets else window, batch=batch_windows,
-                              doc_isolated=doc_isolated, bos_id=bos_id, autocast_dtype=autocast_dtype)
-    return _finish(*sums, reduce=reduce, rank=rank, world_size=world_size, t0=t0, mode="sliding", seq_len=window,
-                   stride=stride, batch=batch_windows, doc_isolated=doc_isolated, windows=n_windows)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    sums, warm, gathered = _score_plan(model, tokens, tables, starts[lo:hi], (ends - starts)[lo:hi], offsets[lo:hi],
+                                       width=min(window, n_targets) if n_targets else window, batch=batch_windows,
+                                       doc_isolated=doc_isolated, bos_id=bos_id, autocast_dtype=autocast_dtype,
+                                       gather=scored_rows_only, compile=compile, cuda_graphs=cuda_graphs,
+                                       vocab_size=vocab)
+    return _finish(*sums, reduce=reduce, rank=rank, world_size=world_size, t0=t0 + warm, mode="sliding",
+                   seq_len=window, stride=stride, batch=batch_windows, doc_isolated=doc_isolated, windows=n_windows,
+                   scored_rows_only=gathered, warmup_s=warm)

@@ -44,8 +44,9 @@ from torch import Tensor, nn
 
 from pgolf import kernels
 from pgolf.data.tokenizer import ByteTables, bits_per_byte, count_bytes
-from pgolf.eval.bpb import _autocast, _eval_mode, _model_device, _rank_slice, _resolve_rank, _score_windows, \
-    _window_cu_seqlens
+from pgolf.eval.bpb import _autocast, _eval_mode, _model_device, _rank_slice, _resolve_rank
+from pgolf.eval.scoring import WindowScorer, window_cu_seqlens
+from pgolf.model.gpt import rms_norm
 from pgolf.eval.ledger import ComplianceViolation, Ledger, LedgerSummary, set_active_ledger, strip_validation
 from pgolf.eval.sliding import _plan_tensors
 
@@ -93,6 +94,7 @@ class TTTSettings:
     phase_seq_len: int = 2048
     phase_epochs: int = 1
     # misc
+    compile: bool = False  # torch.compile the chunk-mode adaptation step (fixed shapes), warmed up on random tokens
     seed: int = 0
     probes: bool = True  # normalization + causality probes (their time counts as eval time)
     probe_tokens: int = 128
@@ -249,6 +251,25 @@ class _TrainableOnly:
         return False
 
 
+class _NoStep:
+    """An optimizer stand-in for warm-ups: gradients are computed, nothing is updated."""
+
+    param_groups: list = []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
+def _compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` under ``torch.compile`` (fixed shapes, one graph), with the eval scorer's backend."""
+    from pgolf.eval import scoring
+
+    return torch.compile(fn, dynamic=False, fullgraph=True, backend=scoring.COMPILE_BACKEND)
+
+
 def cosine_lr(lr0: float, c: int, n_chunks: int) -> float:
     """lr_c = lr0 · ½(1 + cos(π c / (C − 1))) (lr0 when C == 1)."""
     if n_chunks <= 1:
@@ -258,9 +279,12 @@ def cosine_lr(lr0: float, c: int, n_chunks: int) -> float:
 
 def _sgd_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, tokens: Tensor,
               seq_starts: Sequence[int], seq_len: int, *, lr: float, clip: float, world_size: int,
-              micro: int, doc_isolated: bool, bos_id: int, autocast_dtype) -> float:
+              micro: int, doc_isolated: bool, bos_id: int, autocast_dtype,
+              loss_fn: Callable[..., Tensor] | None = None) -> float:
     """One optimizer step on this rank's sequences ``tokens[s : s+L]`` → ``tokens[s+1 : s+L+1]`` (gradients
-    averaged across ranks, clipped). Returns this rank's mean loss (nan for an empty share)."""
+    averaged across ranks, clipped). ``loss_fn``: ``model.loss`` or a compiled form of it. Returns this rank's mean
+    loss (nan for an empty share)."""
+    loss_fn = loss_fn or model.loss
     device = tokens.device
     for g in opt.param_groups:
         g["lr"] = lr
@@ -277,10 +301,10 @@ def _sgd_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Opt
         with _autocast(device, autocast_dtype):
             if doc_isolated:
                 xf = x.reshape(1, -1)
-                cu = _window_cu_seqlens(xf[0], seq_len, bos_id)
-                loss = model.loss(xf, y.reshape(1, -1), cu_seqlens=cu, max_seqlen=seq_len, reduction="sum")
+                cu = window_cu_seqlens(xf[0], seq_len, bos_id)
+                loss = loss_fn(xf, y.reshape(1, -1), cu_seqlens=cu, max_seqlen=seq_len, reduction="sum")
             else:
-                loss = model.loss(x, y, reduction="sum")
+                loss = loss_fn(x, y, reduction="sum")
         (loss.float() / (n * seq_len)).backward()
         loss_sum += float(loss.detach())
     _allreduce_grads_avg(params, world_size)
@@ -321,15 +345,38 @@ class ChunkTTT:
         chunk_of = self.first // S
         self.bounds = torch.searchsorted(chunk_of, torch.arange(self.n_chunks + 1)).tolist()
         self.width = min(settings.window, self.N)
+        self.scorer = WindowScorer(model, self.tables, width=self.width, batch=settings.batch_windows,
+                                   doc_isolated=settings.doc_isolated, bos_id=self.bos_id, autocast_dtype=self.amp,
+                                   device=self.device)
         named = select_params(model, settings.params)
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.opt = torch.optim.SGD(self.params, lr=settings.lr, momentum=settings.momentum)  # shared across chunks
+        self.loss_fn = _compiled(model.loss) if settings.compile else model.loss
         self.sums = [torch.zeros((), dtype=torch.float64, device=self.device),
                      torch.zeros((), dtype=torch.int64, device=self.device),
                      torch.zeros((), dtype=torch.int64, device=self.device)]
-        self.timings = {"score_s": 0.0, "train_s": 0.0}
+        self.timings = {"score_s": 0.0, "adapt_s": 0.0}
         self.steps = 0
+
+    def warmup(self) -> float:
+        """Compile the adaptation step on random tokens (forward + backward, no optimizer step, gradients dropped);
+        seconds. Never reads validation data: the records' compile warm-up, outside the timed region."""
+        t0 = time.perf_counter()
+        s = self.s
+        vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", int(self.tokens.max()) + 1))
+        g = torch.Generator().manual_seed(s.seed)
+        n = s.micro_batch_seqs or max(1, len(self.chunk_sequences(0)) // self.world_size)
+        fake = torch.randint(0, vocab, (n * s.seq_len + 1,), generator=g).to(self.device)
+        with _TrainableOnly(self.model, self.params):
+            self.model.train()
+            for _ in range(2):
+                _sgd_step(self.model, self.params, _NoStep(), fake, [j * s.seq_len for j in range(n)], s.seq_len,
+                          lr=0.0, clip=0.0, world_size=1, micro=s.micro_batch_seqs, doc_isolated=s.train_doc_isolated,
+                          bos_id=self.bos_id, autocast_dtype=self.amp, loss_fn=self.loss_fn)
+        for p in self.params:
+            p.grad = None
+        return time.perf_counter() - t0
 
     def chunk_targets(self, c: int) -> tuple[int, int]:
         """Targets ``[lo, hi)`` the windows of chunk ``c`` score (all ranks)."""
@@ -347,13 +394,9 @@ class ChunkTTT:
             t_lo, t_hi = int(self.first[lo]), int(self.ends[hi - 1])
             # the ledger first: a rescoring raises before the forward runs
             self.ledger.score(t_lo, t_hi, label=f"chunk_score:{c}")
-            d = self.device
             with _eval_mode(self.model):
-                nll, nbytes, cnt = _score_windows(
-                    self.model, self.tokens, self.tables, self.starts[lo:hi].to(d),
-                    (self.ends - self.starts)[lo:hi].to(d), self.offsets[lo:hi].to(d), width=self.width,
-                    batch=self.s.batch_windows, doc_isolated=self.s.doc_isolated, bos_id=self.bos_id,
-                    autocast_dtype=self.amp)
+                nll, nbytes, cnt = self.scorer.score(self.tokens, self.starts[lo:hi],
+                                                     (self.ends - self.starts)[lo:hi], self.offsets[lo:hi])
             if int(cnt) != t_hi - t_lo:
                 raise ComplianceViolation("scoring_mismatch", f"chunk {c} scored {int(cnt)} targets but its windows "
                                           f"cover {t_hi - t_lo}", position=t_lo, step=self.ledger.event)
@@ -387,9 +430,9 @@ class ChunkTTT:
                 self.ledger.adapt(ranges, label=f"chunk_sgd:chunk={c} epoch={e}", collective=True)
                 _sgd_step(self.model, self.params, self.opt, self.tokens, mine, s.seq_len, lr=lr, clip=s.grad_clip,
                           world_size=self.world_size, micro=s.micro_batch_seqs, doc_isolated=s.train_doc_isolated,
-                          bos_id=self.bos_id, autocast_dtype=self.amp)
+                          bos_id=self.bos_id, autocast_dtype=self.amp, loss_fn=self.loss_fn)
                 self.steps += 1
-        self.timings["train_s"] += time.perf_counter() - t0
+        self.timings["adapt_s"] += time.perf_counter() - t0
 
     def run(self, after_first_chunk: Callable[[], None] | None = None) -> None:
         """Score chunk c, then train on it (not the last). ``after_first_chunk`` runs once chunk 0 is scored and
@@ -535,14 +578,27 @@ class LoRAHooks:
 
     def hidden(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
         """The model's final hidden states with the adapters of ``rows`` (one per batch row) attached."""
+        return rms_norm(self.trunk(x, rows))
+
+    def trunk(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """The model's trunk (before the final norm) with the adapters of ``rows`` attached. x: (B, T) → (B, T, d)."""
         self.attn_calls.clear()
         self.mlp_calls.clear()
         self.lora.rows = rows
-        h = self.model.hidden(x)
+        h = self.model.trunk(x)
         if self.attn_calls != self.expected or self.mlp_calls != self.expected:
             raise RuntimeError(f"LoRA hooks saw attention calls {self.attn_calls} and MLP calls {self.mlp_calls} "
                                f"per layer, expected {self.expected} (the model's layer plan changed?)")
         return h
+
+    def rows_nll(self, x: Tensor, y: Tensor, pos: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Per-token nll (B, K) fp32 at window positions ``pos`` (B, K) of the adapted model: the trunk runs on every
+        position, the final norm, the head (+ head LoRA) and the CE on the gathered rows only. Equals
+        ``forward_nll(x, y, rows).gather(1, pos)``."""
+        h = self.trunk(x, rows)
+        hg = rms_norm(h.gather(1, pos[..., None].expand(-1, -1, h.size(-1))))
+        z = self.logits_pre_softcap(hg)
+        return kernels.softcap_ce(z, y.gather(1, pos).reshape(-1), self.model.config.logit_softcap).view(pos.shape)
 
     def logits_pre_softcap(self, h: Tensor) -> Tensor:
         """z = h Eᵀ (+ head LoRA), flattened (B·T, V) exactly as the model's head computes it."""
@@ -607,7 +663,7 @@ class DocLoRATTT:
                      torch.zeros((), dtype=torch.int64, device=self.device),
                      torch.zeros((), dtype=torch.int64, device=self.device)]
         self.doc_nll = torch.zeros(self.n_docs, dtype=torch.float64, device=self.device)
-        self.timings = {"lora_s": 0.0, "phase_s": 0.0}
+        self.timings = {"score_s": 0.0, "adapt_s": 0.0, "reset_s": 0.0, "phase_s": 0.0}
         self.steps = 0
         self.phase_steps = 0
         P = min(settings.phase_prefix_docs, self.n_docs)
@@ -621,7 +677,8 @@ class DocLoRATTT:
         return DocLoRA(self.model, n, s.lora_rank, s.lora_alpha, s.lora_sites, self.a_init).to(self.device)
 
     def run_batch(self, docs: list[int]) -> None:
-        """LoRA TTT over one batch of documents: fresh adapters and optimizer, chunk by chunk, score first."""
+        """LoRA TTT over one batch of documents: fresh adapters and optimizer, chunk by chunk, score first. The
+        head runs on each chunk's scored rows only (``lora_chunk`` per document), which is also all the loss reads."""
         t0 = time.perf_counter()
         s, dev = self.s, self.device
         K, W = s.lora_chunk, s.lora_window
@@ -631,36 +688,30 @@ class DocLoRATTT:
         lora = self.new_lora(len(docs))
         opt = torch.optim.AdamW(lora.parameters(), lr=s.lora_lr, betas=(s.lora_beta1, s.lora_beta2),
                                 eps=s.lora_eps, weight_decay=s.lora_wd)
+        self.timings["reset_s"] += time.perf_counter() - t0
         with _TrainableOnly(self.model, []), LoRAHooks(self.model, lora) as hooks:
             self.model.eval()
             for i in range(int(n_chunks.max()) if len(docs) else 0):
+                t_score = time.perf_counter()
                 act = np.nonzero(n_chunks > i)[0]
                 c0 = i * K
                 c1 = np.minimum((i + 1) * K, lens[act])
                 ws = np.maximum(0, c1 - W)
-                T = int((c1 - ws).max())
+                x, y, pos, scored_t = self._chunk_inputs(starts[act] + ws, c1 - ws, c0 - ws, K)
                 learn = c1 < lens[act]
-                # host-built index grid: row j reads doc tokens [ws_j, c1_j)
-                ar = np.arange(T)
-                pos = starts[act][:, None] + ws[:, None] + ar[None, :]
-                valid = ar[None, :] < (c1 - ws)[:, None]
-                scored = valid & (ar[None, :] >= (c0 - ws)[:, None])
-                pos = np.where(valid, pos, 0)
-                pos_t = torch.from_numpy(pos).to(dev)
-                x = torch.where(torch.from_numpy(valid).to(dev), self.tokens[pos_t], 0)
-                y = torch.where(torch.from_numpy(valid).to(dev), self.tokens[pos_t + 1], 0)
-                scored_t = torch.from_numpy(scored).to(dev)
                 rows = torch.from_numpy(act).to(dev)
-                tgt_lo = starts[act] + c0
-                tgt_hi = starts[act] + c1
+                tgt_lo, tgt_hi = starts[act] + c0, starts[act] + c1
                 self.ledger.score_many(np.stack([tgt_lo, tgt_hi], 1), label=f"lora_score:chunk={i}")
                 with torch.set_grad_enabled(bool(learn.any())), _autocast(dev, self.amp):
-                    nll = hooks.forward_nll(x, y, rows)
+                    nll = hooks.rows_nll(x, y, pos, rows)
                 nll_d = torch.where(scored_t, nll.detach().to(torch.float64), 0.0)
                 self.sums[0] += nll_d.sum()
-                self.sums[1] += torch.where(scored_t, count_bytes(x, y, self.tables), 0).sum()
+                self.sums[1] += torch.where(scored_t, count_bytes(x.gather(1, pos), y.gather(1, pos), self.tables),
+                                            0).sum()
                 self.sums[2] += scored_t.sum()
                 self.doc_nll.index_add_(0, torch.as_tensor([docs[j] for j in act], device=dev), nll_d.sum(1))
+                t_adapt = time.perf_counter()
+                self.timings["score_s"] += t_adapt - t_score
                 if learn.any():
                     lr_rows = np.nonzero(learn)[0]
                     self.ledger.adapt(np.stack([(starts[act] + ws)[lr_rows], tgt_hi[lr_rows]], 1),
@@ -671,7 +722,23 @@ class DocLoRATTT:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     self.steps += 1
-        self.timings["lora_s"] += time.perf_counter() - t0
+                self.timings["adapt_s"] += time.perf_counter() - t_adapt
+
+    def _chunk_inputs(self, first: np.ndarray, length: np.ndarray, scored_from: np.ndarray, K: int):
+        """x, y (n, T) for windows ``tokens[first_j : first_j + length_j]`` (zero-padded), the positions pos (n, K)
+        of each window's last K rows and which of them are scored (from window offset ``scored_from_j`` on)."""
+        dev = self.device
+        T = int(length.max())
+        ar = np.arange(T)
+        valid = ar[None, :] < length[:, None]
+        idx = torch.from_numpy(np.where(valid, first[:, None] + ar[None, :], 0)).to(dev)
+        valid_t = torch.from_numpy(valid).to(dev)
+        x = torch.where(valid_t, self.tokens[idx], 0)
+        y = torch.where(valid_t, self.tokens[idx + 1], 0)
+        pos = np.maximum(length - K, 0)[:, None] + np.arange(K)[None, :]
+        scored = (pos >= scored_from[:, None]) & (pos < length[:, None])
+        pos_t = torch.from_numpy(np.minimum(pos, T - 1)).to(dev)
+        return x, y, pos_t, torch.from_numpy(scored).to(dev)
 
     def global_sgd(self, n_prefix: int, phase: int) -> None:
         """Phase boundary: SGD on the base weights over the tokens of the first ``n_prefix`` documents."""
@@ -752,7 +819,11 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
         settings = settings.replace(bos_id=int(getattr(getattr(model, "config", None), "bos_id", 1)))
     rank, world_size = _resolve_rank(rank, world_size)
     _dist_running(world_size)
+    if settings.compile and mode != "chunk":
+        raise ValueError(f"TTT compile is for the chunk mode's fixed-shape adaptation step; mode {mode!r} runs "
+                         f"per-document LoRA steps of varying shapes (drop compile)")
     device = _model_device(model)
+    warmup_s = 0.0
     tokens = torch.as_tensor(strip_validation(torch.as_tensor(val_tokens)))
     if tokens.dim() != 1 or tokens.numel() < 2:
         raise ValueError(f"val_tokens must be 1-D with at least 2 tokens, got shape {tuple(tokens.shape)}")
@@ -767,6 +838,9 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
     try:
         if mode == "chunk":
             runner = ChunkTTT(model, tokens, tables, settings, ledger, rank=rank, world_size=world_size, log=log)
+            if settings.compile:  # compile warm-up on random tokens, outside the timed region
+                warmup_s = runner.warmup()
+                t_start += warmup_s
             probes_before: dict[str, Any] = {}
             if settings.probes:  # on already-scored positions, before any adaptation
                 runner.run(lambda: probes_before.update(_probes(model, tokens, settings, None, "before",
@@ -803,6 +877,7 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
     timings = {k: round(v, 4) for k, v in runner.timings.items()}
     timings["probe_s"] = round(probe_s, 4)
     timings["ledger_s"] = round(summary.overhead_seconds, 6)
+    timings["warmup_s"] = round(warmup_s, 4)  # before the timed region: not in ``seconds``
     res = TTTResult(mode=mode, val_loss=nll / ntok, val_bpb=bits_per_byte(nll, nbytes), tokens=ntok, bytes=nbytes,
                     nll_sum=nll, seconds=seconds, timings=timings, adapt_steps=steps, ledger=summary, probes=probes,
                     settings=settings.to_dict(), rank=rank, world_size=world_size, n_chunks=n_chunks, n_docs=n_docs,
@@ -811,6 +886,8 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
         res.timings["phases"] = runner.phases_done  # type: ignore[assignment]
     log(f"ttt_{mode} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} tokens:{ntok} adapt_steps:{steps} "
         f"eval_time:{seconds * 1000:.0f}ms ledger_overhead:{100 * res.ledger_overhead_fraction:.3f}%")
+    log("ttt_timing " + " ".join(f"{k.removesuffix('_s')}:{v * 1000:.0f}ms" for k, v in timings.items()
+                                 if isinstance(v, float) and v > 0))
     return res
 
 

@@ -84,6 +84,18 @@ class GPT(nn.Module):
     def hidden(self, input_ids: Tensor, *, cu_seqlens: Tensor | None = None,
                max_seqlen: int | None = None) -> Tensor:
         """Final normalized hidden states (B, T, d): everything before the head."""
+        return rms_norm(self.trunk(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
+
+    def rows_nll(self, trunk_rows: Tensor, target_ids: Tensor) -> Tensor:
+        """Per-row NLL (N,) fp32 of trunk outputs (N, d): the final norm, the tied head and the softcapped CE.
+
+        Every op here is row-wise, so ``rows_nll(trunk(x)[rows], y[rows])`` equals ``loss(x, y, 'none')[rows]``:
+        eval gathers the positions it scores first and pays the head for those rows only."""
+        return kernels.lm_head_loss(rms_norm(trunk_rows), self.tok_emb.weight, target_ids, self.config.logit_softcap)
+
+    def trunk(self, input_ids: Tensor, *, cu_seqlens: Tensor | None = None,
+              max_seqlen: int | None = None) -> Tensor:
+        """The residual stream after the last block (B, T, d), before the final norm."""
         c = self.config
         B, T = input_ids.shape
         start = segment_starts(input_ids, cu_seqlens, c.bos_id)  # (B, T) bool: no token-shift into these
@@ -130,7 +142,7 @@ class GPT(nn.Module):
                 x = self.blocks[i](x, **ctx)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
-        return rms_norm(x)
+        return x
 
     def _skip(self, j: int, x: Tensor, s: Tensor) -> Tensor:
         scaled = self.skip_weights[j].to(x.dtype) * s

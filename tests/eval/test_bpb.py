@@ -21,7 +21,7 @@ from torch import nn
 
 from pgolf.data.tokenizer import ByteTables, count_bytes
 from pgolf.eval import EvalResult, evaluate, evaluate_sliding
-from pgolf.eval.bpb import CU_SEQLENS_MULTIPLE, _window_cu_seqlens
+from pgolf.eval.scoring import CU_SEQLENS_MULTIPLE, window_cu_seqlens as _window_cu_seqlens
 
 LN2 = math.log(2.0)
 BOS = 1

@@ -470,3 +470,54 @@ def test_two_rank_gloo_matches_single_process(tmp_path, drift):
         assert o["chunk"]["steps"] == single["chunk"].adapt_steps  # collective steps counted once
     # phased: both ranks' LoRA steps are counted, the shared global-SGD steps once
     assert outs[0]["phased"]["steps"] == single["phased"].adapt_steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the eval fast path inside TTT
+
+
+def test_lora_rows_nll_is_the_full_forward_at_those_rows():
+    """The LoRA path gathers a chunk's rows before the head: the same nll as the full forward there, with a
+    non-zero adapter (head LoRA included)."""
+    model = randomized_sota()
+    x, y = _rand_batch(3, 40, seed=4)
+    gen = torch.Generator().manual_seed(0)
+    sites = TTTSettings().lora_sites
+    lora = DocLoRA(model, 3, 4, 8.0, sites, DocLoRA.initial_a(model, 4, sites, gen, "cpu"))
+    with torch.no_grad():
+        for p in lora.B.values():
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        pos = torch.tensor([[30, 31, 32, 33], [0, 1, 2, 3], [36, 37, 38, 39]])
+        with LoRAHooks(model, lora) as h:
+            full = h.forward_nll(x, y, torch.tensor([0, 1, 2]))
+            rows = h.rows_nll(x, y, pos, torch.tensor([0, 1, 2]))
+    assert torch.allclose(rows, full.gather(1, pos), rtol=1e-6, atol=1e-6)
+
+
+def test_ttt_logs_its_phases_and_lora_resets(drift):
+    val, model, _ = drift
+    lines = []
+    res = run_ttt(copy.deepcopy(model), val[:1025], TABLES, mode="lora", settings=dict(LORA, probes=False),
+                  log=lines.append)
+    t = res.timings
+    assert t["score_s"] > 0 and t["adapt_s"] > 0 and t["reset_s"] > 0 and t["warmup_s"] == 0.0
+    timing = [ln for ln in lines if ln.startswith("ttt_timing")]
+    assert timing and "score:" in timing[0] and "adapt:" in timing[0] and "reset:" in timing[0]
+
+
+def test_compiled_chunk_ttt_matches_and_warms_up_outside_the_clock(drift, monkeypatch):
+    import pgolf.eval.scoring as S
+
+    monkeypatch.setattr(S, "COMPILE_BACKEND", "aot_eager")
+    val, model, _ = drift
+    short = val[: 2 * CHUNK["chunk_tokens"] + 1]
+    eager = run_ttt(copy.deepcopy(model), short, TABLES, mode="chunk", settings=dict(CHUNK, probes=False), log=None)
+    torch._dynamo.reset()
+    comp = run_ttt(copy.deepcopy(model), short, TABLES, mode="chunk", settings=dict(CHUNK, probes=False,
+                                                                                   compile=True), log=None)
+    torch._dynamo.reset()
+    assert comp.timings["warmup_s"] > 0 and comp.adapt_steps == eager.adapt_steps
+    assert comp.tokens == eager.tokens and abs(comp.val_bpb - eager.val_bpb) < 1e-5
+    assert comp.ledger.tokens_scored == comp.tokens  # the warm-up scored nothing and adapted on nothing real
+    with pytest.raises(ValueError, match="chunk mode"):
+        run_ttt(copy.deepcopy(model), short, TABLES, mode="lora", settings=dict(LORA, compile=True), log=None)
