@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer-path", help="SentencePiece model for the byte counts")
     e.add_argument("--no-roundtrip", action="store_true", help="skip the artifact round trip")
     e.add_argument("--no-ttt", action="store_true", help="skip the TTT estimate")
+    e.add_argument("--cuda-graphs", action="store_true", help="also time sliding eval with the compiled CUDA-graph "
+                   "scorer (CUDA only; its compile and capture run on random tokens before the clock)")
 
     co = sub.add_parser("compile", help="compile every Triton kernel for a GPU target on this machine (no GPU "
                         "needed): shared memory, registers, spills, wgmma/TMA; exit 1 on a defect")
@@ -225,7 +227,7 @@ def cmd_eval(args) -> int:
     res = evalbench.run_eval(preset=args.preset or (None if args.artifact else "sota"), artifact=args.artifact,
                              smoke=args.smoke, device=dev, n_tokens=args.tokens, full_tokens=args.full_tokens,
                              data_path=args.data_path, tokenizer_path=args.tokenizer_path,
-                             do_roundtrip=not args.no_roundtrip, do_ttt=not args.no_ttt,
+                             do_roundtrip=not args.no_roundtrip, do_ttt=not args.no_ttt, cuda_graphs=args.cuda_graphs,
                              on_progress=lambda r: _write_json(args.json, "eval", env, args.smoke, r))
     _write_json(args.json, "eval", env, args.smoke, res)
     print()

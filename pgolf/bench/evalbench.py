@@ -227,10 +227,11 @@ def _sgd_step_ms(model, tokens: torch.Tensor, seq_len: int, device: torch.device
 def run_eval(*, preset: str | None = "sota", artifact: str | None = None, smoke: bool = False,
              device: torch.device, n_tokens: int | None = None, full_tokens: int | None = None,
              data_path: str | None = None, tokenizer_path: str | None = None, do_roundtrip: bool = True,
-             do_ttt: bool = True, world: int = WORLD, link_gbps: float | None = None,
+             do_ttt: bool = True, world: int = WORLD, link_gbps: float | None = None, cuda_graphs: bool = False,
              log: Callable[[str], None] = print,
              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Plain and sliding eval, then TTT, then the artifact round trip (slowest and least sure last, so a run cut
+    """FLOPs per scored token, plain and sliding eval (fast path, the full-head path, and with ``cuda_graphs`` the
+    compiled CUDA-graph scorer), then TTT, then the artifact round trip (slowest and least sure last, so a run cut
     short keeps the rest); ``on_progress(result)`` after each part."""
     from pgolf.bench.step import DEFAULT_LINK_GBPS
     from pgolf.eval import evaluate, evaluate_sliding
@@ -285,6 +286,17 @@ def run_eval(*, preset: str | None = "sota", artifact: str | None = None, smoke:
             torch.cuda.synchronize(device)
         return r, time.perf_counter() - t0
 
+    from pgolf.bench.evalflops import flops_per_scored_token
+
+    # at the preset's own eval settings even in a smoke run: counting is cheap and exact on any device
+    result["flops"] = flops_per_scored_token(model, tables, window=train_cfg.eval_seq_len,
+                                             stride=train_cfg.eval_stride or 64, device=device)
+    f = result["flops"]
+    log(f"[eval] FLOPs per scored token: trunk {f['trunk'] / 1e9:.3f} G, head {f['head'] / 1e6:.2f} M "
+        f"(full-head path {f['head_full'] / 1e6:.2f} M: {f['head_rows_per_scored_token_full']:.0f} rows per scored "
+        f"token); total {f['saving']:.1%} lower")
+    progress()
+
     with torch.no_grad():
         # warm-up: one batch of each shape (first-call costs, autotuning)
         evaluate(model, tokens[: window * batch + 1] if n_tokens >= window * batch else tokens[: window + 1], tables,
@@ -314,6 +326,25 @@ def run_eval(*, preset: str | None = "sota", artifact: str | None = None, smoke:
         f"sliding: {slide_s:.2f}s for {slide.windows} windows -> {result['sliding']['projected_s']:.1f}s projected")
     _project(result)
     progress()
+    variants = {"sliding_full_head": dict(scored_rows_only=False)}
+    if cuda_graphs and device.type == "cuda":
+        variants["sliding_cuda_graphs"] = dict(cuda_graphs=True)
+    for name, kw in variants.items():
+        try:
+            with torch.no_grad():
+                r, secs = timed(lambda: evaluate_sliding(model, tokens, tables, window=window, stride=stride,
+                                                         batch_windows=batch, rank=0, world_size=1,
+                                                         autocast_dtype=autocast, **kw))
+            secs -= r.warmup_s  # compile/capture happened on random tokens before the clock (as the records)
+            result[name] = dict(seconds=secs, warmup_s=r.warmup_s, tokens=r.tokens, val_bpb=r.val_bpb,
+                                tokens_per_s=r.tokens / secs, projected_s=per_rank_slide * secs / slide_batches,
+                                speedup_vs_it=secs / slide_s if name == "sliding_full_head" else slide_s / secs)
+            log(f"[eval] {name}: {secs:.2f}s ({r.tokens / secs:,.0f} tok/s) -> {result[name]['projected_s']:.1f}s "
+                f"projected; val_bpb {r.val_bpb:.6f} (fast path {slide.val_bpb:.6f})")
+        except Exception as e:  # noqa: BLE001 - a comparison that fails does not lose the rest
+            result[name] = dict(error=f"{type(e).__name__}: {e}"[:500])
+            log(f"[eval] {name} failed: {result[name]['error']}")
+        progress()
 
     if do_ttt:
         grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -391,7 +422,7 @@ def _measured_ttt(model, tokens, tables, *, window: int, stride: int, batch: int
     settings = TTTSettings(window=window, stride=stride, batch_windows=batch, autocast_dtype=autocast,
                            chunk_tokens=chunk, epochs=TTT_EPOCHS, seq_len=window, micro_batch_seqs=2, probes=False)
     res = run_ttt(model, tokens[: n + 1], tables, mode="chunk", settings=settings, rank=0, world_size=1, log=None)
-    score_s, train_s = res.timings.get("score_s", 0.0), res.timings.get("train_s", 0.0)
+    score_s, train_s = res.timings.get("score_s", 0.0), res.timings.get("adapt_s", 0.0)
     slice_windows = _count_windows(n, window, stride)
     trained = max(1, (res.n_chunks or 2) - 1)
     score_proj = score_s / slice_windows * math.ceil(full_windows / world)
@@ -425,6 +456,14 @@ def metrics(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         f"{k}/sliding/projected_s": metric(result["sliding"]["projected_s"], "s", "lower"),
         f"{k}/projected_total_s": metric(result["projection"]["total_s"], "s", "lower"),
     }
+    fl = result.get("flops") or {}
+    if fl:
+        out[f"{k}/flops_per_scored_token"] = metric(fl["total"], "FLOP", None)
+        out[f"{k}/head_flops_per_scored_token"] = metric(fl["head"], "FLOP", None)
+    for name in ("sliding_full_head", "sliding_cuda_graphs"):
+        v = result.get(name) or {}
+        if v.get("projected_s") is not None:
+            out[f"{k}/{name}/projected_s"] = metric(v["projected_s"], "s", "lower")
     rt = result.get("roundtrip") or {}
     if rt.get("seconds") is not None:
         out[f"{k}/roundtrip_s"] = metric(rt["seconds"], "s", "lower", threshold=0.15)  # brotli on a shared CPU
@@ -457,7 +496,16 @@ def format_report(result: dict[str, Any]) -> str:
     for name in ("plain", "sliding"):
         r = result[name]
         rows.append((f"{name} eval", f"{r['seconds']:.2f} s", f"{r['windows']:,} windows",
-                     f"{r['projected_s']:.1f}", f"{r['full_windows']:,} windows, {r['batches_per_rank']:,} batches/rank"))
+                     f"{r['projected_s']:.1f}", f"{r['full_windows']:,} windows, {r['batches_per_rank']:,} batches/rank"
+                     f", {r['tokens_per_s']:,.0f} tok/s"))
+    for name, label in (("sliding_full_head", "sliding, full head"), ("sliding_cuda_graphs", "sliding, CUDA graphs")):
+        r = result.get(name)
+        if r:
+            rows.append((label, f"{r['seconds']:.2f} s" if "seconds" in r else "error", "same windows",
+                         f"{r['projected_s']:.1f}" if "projected_s" in r else "-",
+                         (f"{r['tokens_per_s']:,.0f} tok/s; {r['speedup_vs_it']:.2f}x "
+                          + ("slower than the fast path (not in the total)" if name == "sliding_full_head"
+                             else "the fast path's speed (not in the total)")) if "seconds" in r else r["error"]))
     t = result.get("ttt")
     if t:
         if "projected_s" in t and "train_s" in t:
@@ -475,6 +523,13 @@ def format_report(result: dict[str, Any]) -> str:
                                for i, (c, w) in enumerate(zip(r, widths))).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
+    fl = result.get("flops")
+    if fl:
+        lines.append(f"FLOPs per scored token (window {fl['window']}, stride {fl['stride']}; {fl['counted_with']}): "
+                     f"trunk {fl['trunk'] / 1e9:.3f} G + head {fl['head'] / 1e6:.2f} M (1 row) = "
+                     f"{fl['total'] / 1e9:.3f} G; the full-head path's head {fl['head_full'] / 1e6:.2f} M "
+                     f"({fl['head_rows_per_scored_token_full']:.0f} rows) = {fl['total_full'] / 1e9:.3f} G: "
+                     f"{fl['saving']:.1%} fewer FLOPs, head share {fl['head_share']:.2%} (was {fl['head_share_full']:.2%})")
     lines.append(f"total projected eval time: {p['total_s']:.1f} s of {p['budget_s']:.0f} s "
                  f"({'fits' if p['fits'] else 'OVER BUDGET'}, headroom {p['headroom_s']:.1f} s)")
     lines.append(p["formula"])

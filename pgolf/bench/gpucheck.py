@@ -79,8 +79,8 @@ def default_stages(python: str, tmp: Path, *, smoke: bool = False, pytest_args: 
               str(tmp / "kernels.json"), env=dict(TUNE_ENV)),
         Stage("step", [*bench, "step", "--preset", preset, *sm, *step_args, "--loop", "off", "--json",
                        str(tmp / "step.json"), "--no-history"], 0.25, str(tmp / "step.json"), env=dict(TUNE_ENV)),
-        Stage("eval", [*bench, "eval", "--preset", preset, *sm, "--json", str(tmp / "eval.json"), "--no-history"],
-              0.15, str(tmp / "eval.json"), env=dict(TUNE_ENV)),
+        Stage("eval", [*bench, "eval", "--preset", preset, *sm, *([] if smoke else ["--cuda-graphs"]), "--json",
+                       str(tmp / "eval.json"), "--no-history"], 0.15, str(tmp / "eval.json"), env=dict(TUNE_ENV)),
     ]
 
 

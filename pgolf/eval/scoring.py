@@ -135,6 +135,40 @@ class WindowScorer:
         return nll, nbytes, scored.sum()
 
 
+def fit_batch(model: nn.Module, width: int, *, doc_isolated: bool = False, autocast_dtype: torch.dtype | None = None,
+              vocab_size: int, cap: int = 512, fraction: float = 0.8, default: int = 32) -> int:
+    """The largest windows-per-forward (a multiple of 8, at most ``cap``) whose forward fits in ``fraction`` of the
+    free GPU memory. Memory grows linearly in the batch: the peaks of forwards at 8 and 16 random-token windows
+    (every row through the head, the larger shape) give the fixed and the per-window parts. Not on CUDA:
+    ``default``."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return default
+    free_before = torch.cuda.mem_get_info(device)[0]
+    tables = ByteTables(torch.zeros(vocab_size, dtype=torch.int16), torch.zeros(vocab_size, dtype=torch.bool),
+                        torch.zeros(vocab_size, dtype=torch.bool)).to(device)
+    peaks = []
+    for b in (8, 16):
+        scorer = WindowScorer(model, tables, width=width, batch=b, doc_isolated=doc_isolated,
+                              autocast_dtype=autocast_dtype, device=device)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        tokens = torch.randint(0, vocab_size, (width + 1,), device=device)
+        x, y, pos, scored = scorer._inputs(tokens, torch.zeros(b, dtype=torch.int64, device=device),
+                                           torch.full((b,), width, device=device), torch.zeros(b, dtype=torch.int64,
+                                                                                               device=device), width)
+        with torch.no_grad():
+            scorer.fn(x, y, pos, scored)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    per_window = max(1, (peaks[1] - peaks[0]) // 8)
+    fixed = max(0, peaks[0] - 8 * per_window)
+    fits = int((fraction * free_before - fixed) // per_window)
+    return max(8, min(cap, fits // 8 * 8))
+
+
 def gathered_rows(lengths: Tensor, offsets: Tensor, width: int) -> int:
     """Rows a batch gathers when none of its windows is scored from its start: the largest scored span of those
     windows (the stride in sliding eval), or ``width`` when every window is scored from its start (plain eval)."""

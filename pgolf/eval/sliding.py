@@ -52,7 +52,7 @@ def window_plan(n_targets: int, window: int, stride: int) -> list[tuple[int, int
 
 
 def evaluate_sliding(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, window: int = 2048,
-                     stride: int = 64, batch_windows: int = 32, doc_isolated: bool = False, bos_id: int = 1,
+                     stride: int = 64, batch_windows: int | str = 32, doc_isolated: bool = False, bos_id: int = 1,
                      rank: int | None = None, world_size: int | None = None,
                      autocast_dtype: torch.dtype | None = None, reduce: bool = True, scored_rows_only: bool = True,
                      compile: bool = False, cuda_graphs: bool = False) -> EvalResult:
@@ -60,12 +60,18 @@ def evaluate_sliding(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *
 
     Windows go ``batch_windows`` per forward as ``(B, window)`` (the short last window is padded at its end), or,
     with ``doc_isolated``, flattened to ``(1, B·window)`` with cu_seqlens at window starts and BOS positions. The
-    plan is split contiguously across ranks; ``reduce=False`` returns this rank's partial sums. The head and loss
+    plan is split contiguously across ranks; ``reduce=False`` returns this rank's partial sums. ``batch_windows=
+    'auto'``: the largest batch whose forward fits in GPU memory (:func:`pgolf.eval.scoring.fit_batch`). The head and loss
     run on the scored rows only (``scored_rows_only=False``: on every position, then masked, the old path);
     ``compile`` / ``cuda_graphs`` as in :class:`pgolf.eval.scoring.WindowScorer`, warmed up before the clock starts.
     """
-    if batch_windows < 1:
-        raise ValueError(f"need batch_windows >= 1, got {batch_windows}")
+    if batch_windows == "auto":
+        from pgolf.eval.scoring import fit_batch
+
+        batch_windows = fit_batch(model, min(window, max(len(val_tokens) - 1, 1)), doc_isolated=doc_isolated,
+                                  autocast_dtype=autocast_dtype, vocab_size=model.config.vocab_size)
+    if not isinstance(batch_windows, int) or batch_windows < 1:
+        raise ValueError(f"need batch_windows >= 1 or 'auto', got {batch_windows!r}")
     t0 = time.perf_counter()
     rank, world_size = _resolve_rank(rank, world_size)
     device = _model_device(model)

@@ -30,6 +30,35 @@ def test_eval_tiny_smoke_cli(tmp_path, capsys, one_thread):
     assert p["parts"]["roundtrip"] is None and p["budget_s"] == 600.0
     [rec] = read_history(hist)
     assert rec["suite"] == "eval" and rec["metrics"]["eval/tiny/projected_total_s"]["better"] == "lower"
+    # the head at one row per scored token; the full-head path for comparison, same score
+    from pgolf.train.config import resolve
+
+    f = res["flops"]
+    tiny = resolve("tiny", env={}, flags={})[0]
+    assert (f["window"], f["stride"]) == (tiny.eval_seq_len, tiny.eval_stride or 64)  # the preset's, not smoke's
+    rows = tiny.eval_seq_len / (tiny.eval_stride or 64)
+    assert f["head_rows_per_scored_token"] == 1 and f["head_rows_per_scored_token_full"] == rows
+    assert f["head_full"] == pytest.approx(rows * f["head"], rel=1e-6) and f["trunk"] > 0 and 0 < f["saving"] < 1
+    old = res["sliding_full_head"]
+    assert old["tokens"] == res["sliding"]["tokens"] and old["val_bpb"] == pytest.approx(res["sliding"]["val_bpb"],
+                                                                                           abs=1e-6)
+    assert "FLOPs per scored token" in text and "sliding, full head" in text
+    assert rec["metrics"]["eval/tiny/head_flops_per_scored_token"]["value"] == f["head"]
+
+
+def test_flop_count_of_the_sota_head_is_one_row():
+    """Counted on the real scoring path: the sota head + softcapped CE for one scored row is 2·V·d multiply-adds
+    (V = 8192, d = 512), 32 times that on the full-head path at window 2048 / stride 64."""
+    from pgolf.bench.evalflops import flops_per_scored_token
+    from pgolf.train.config import resolve
+
+    _, cfg = resolve("sota", env={}, flags={})
+    model = GPT(GPTConfig(**{**cfg.to_dict(), "num_layers": 1, "num_loops": 0, "parallel_start": 0,
+                             "xsa_last_n": 1}))
+    tables = evalbench.load_tokens(cfg.vocab_size, 300, 64)[1]
+    f = flops_per_scored_token(model, tables, window=256, stride=64)
+    assert f["head"] == 2 * 8192 * 512 and f["head_full"] == 4 * f["head"]
+    assert f["trunk"] > 0 and f["head_rows_per_scored_token_full"] == 4
 
 
 def test_window_counts_match_the_records():

@@ -140,3 +140,27 @@ def test_compiled_scorer_warms_up_on_random_tokens_and_matches(monkeypatch):
 def test_cuda_graphs_need_a_gpu():
     with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device"):
         WindowScorer(MODEL, TABLES, width=64, batch=4, cuda_graphs=True)
+
+
+def test_auto_batch_is_the_default_off_the_gpu():
+    tokens = make_tokens(301, V, seed=8)
+    res = evaluate_sliding(MODEL, tokens, TABLES, window=64, stride=16, batch_windows="auto")
+    assert res.batch == 32 and res.tokens == 300
+    with pytest.raises(ValueError, match="batch_windows"):
+        evaluate_sliding(MODEL, tokens, TABLES, window=64, stride=16, batch_windows="big")
+
+
+@pytest.mark.gpu
+def test_gpu_fast_path_graphs_and_auto_batch_match_the_full_head():
+    """bf16 on CUDA with the Triton kernels: the scored-rows path, its CUDA-graph form and an auto-sized batch all
+    give the full-head path's score (bf16 rounding of the head differs a little with the row count)."""
+    model = random_model(cfg=GPTConfig(**{**CFG.to_dict(), "model_dim": 64, "mlp_hidden": 128})).cuda()
+    tokens = make_tokens(4001, V, seed=10)
+    kw = dict(window=256, stride=64, autocast_dtype=torch.bfloat16, doc_isolated=True)
+    old = evaluate_sliding(model, tokens, TABLES, batch_windows=8, scored_rows_only=False, **kw)
+    new = evaluate_sliding(model, tokens, TABLES, batch_windows=8, **kw)
+    graphs = evaluate_sliding(model, tokens, TABLES, batch_windows=8, cuda_graphs=True, **kw)
+    auto = evaluate_sliding(model, tokens, TABLES, batch_windows="auto", **kw)
+    assert auto.batch >= 8 and graphs.warmup_s > 0
+    for r in (new, graphs, auto):
+        assert (r.tokens, r.bytes) == (old.tokens, old.bytes) and abs(r.val_bpb - old.val_bpb) < 2e-3
