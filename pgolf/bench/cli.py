@@ -332,13 +332,14 @@ def cmd_plot(args) -> int:
 
 def cmd_readme(args) -> int:
     from pgolf.bench.env import REPO_ROOT
-    from pgolf.bench.readme import latest_results, render, replace_section, update_readme
+    from pgolf.bench.readme import compile_sweeps, latest_results, render, replace_section, update_readme
 
     readme = Path(args.readme) if args.readme else REPO_ROOT / "README.md"
     results = Path(args.results_dir) if args.results_dir else REPO_ROOT / "bench" / "results"
     if args.check:
         found = latest_results(results, committed_only=not args.all_files)
-        body = render(found[0] if found else None, found[1] if found else None, repo_root=REPO_ROOT)
+        body = render(found[0] if found else None, found[1] if found else None, repo_root=REPO_ROOT,
+                      compiles=compile_sweeps(results, committed_only=not args.all_files))
         current = readme.read_text(encoding="utf-8")
         ok = replace_section(current, body) == current
         print(f"{readme}: Performance section {'is up to date' if ok else 'is out of date: run pgolf-bench readme'}")

@@ -2,7 +2,9 @@
 
 The results are the files ``make gpu-check`` writes to ``bench/results/*.json``. Only files git tracks count
 (``--all-files`` lifts that), only GPU runs (device kind other than ``cpu``) and only full runs (not smoke); the
-newest by its ``meta.date`` wins. Without one, the section says plainly that no GPU results exist yet. Everything
+newest by its ``meta.date`` wins. Without one, the section says plainly that no GPU results exist yet. The
+committed ``pgolf-bench compile`` sweeps (``bench/results/compile_*.json``, one per target and triton version)
+are summarized in either case: what a GPU would say about the kernels' builds, checked without one. Everything
 from the "## Performance" heading to the next level-2 heading is replaced; the rest of the README is untouched.
 """
 
@@ -60,21 +62,60 @@ def latest_results(results_dir: str | Path, *, committed_only: bool = True) -> t
     return (best[1], best[2]) if best else None
 
 
+def compile_sweeps(results_dir: str | Path, *, committed_only: bool = True) -> list[tuple[Path, dict[str, Any]]]:
+    """The ``pgolf-bench compile`` reports under ``results_dir`` (full sweeps first, then by target and triton)."""
+    d = Path(results_dir)
+    files = sorted(d.glob("compile_*.json")) if d.is_dir() else []
+    if committed_only:
+        tracked = committed_files(d)
+        if tracked is not None:
+            files = [f for f in files if f.resolve() in tracked]
+    out = []
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("tool") == "pgolf-bench compile" and "summary" in data:
+            out.append((f, data))
+    return sorted(out, key=lambda fd: (fd[1].get("quick", False), fd[1].get("target", ""), fd[1].get("triton", "")))
+
+
+def render_compile(sweeps: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """Lines summarizing the compile sweeps (empty without any)."""
+    if not sweeps:
+        return []
+    rows = []
+    for f, d in sweeps:
+        s = d["summary"]
+        rows.append((f"`{f.name}`", d.get("target"), d.get("triton"), f"commit `{d.get('commit_short', '?')}`",
+                     "defaults" if d.get("quick") else "every config", s["compiled"], s["failed"],
+                     s["over_shared_limit"], f"{s['spilling_defaults']} / {s['spilling_other']}", s["wgmma_defaults"],
+                     s["tma"], "pass" if s["passed"] else "**FAIL**"))
+    lines = ["**Compiled for Hopper without a GPU** (`pgolf-bench compile`: every kernel through its own launcher at "
+             "the record shapes, bf16/fp16/fp32; shared memory, registers and spills from the compiled code):", ""]
+    lines += _table(("report", "target", "triton", "tree", "configs", "compiled", "failed", "over smem",
+                     "spilling (defaults / others)", "bf16/fp16 GEMM defaults on wgmma", "TMA", "verdict"), rows)
+    return lines + [""]
+
+
 def _table(head: tuple[str, ...], rows: list[tuple]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return out
 
 
-def render(path: Path | None, data: dict[str, Any] | None, *, repo_root: Path | None = None) -> str:
+def render(path: Path | None, data: dict[str, Any] | None, *, repo_root: Path | None = None,
+           compiles: list[tuple[Path, dict[str, Any]]] | None = None) -> str:
     """The section body (without the heading)."""
+    compiled = "\n".join(render_compile(compiles or []))
     if data is None:
         return ("No GPU results have been committed yet: `bench/results/` holds no `make gpu-check` output, so this\n"
                 "repository makes no speed claims. On a GPU machine, `make gpu-check` runs the GPU tests and the three\n"
                 "benchmarks (kernels, training step, eval) and writes `bench/results/<date>_<gpu>_<commit>.json`;\n"
                 f"commit that file and run `{COMMAND}` to fill this section. On CPU,\n"
                 "`pgolf-bench step --preset tiny --smoke` and `pgolf-bench check` prove only that the harness works.\n\n"
-                f"_Section written by `{COMMAND}`._\n")
+                + (compiled + "\n" if compiled else "") + f"_Section written by `{COMMAND}`._\n")
     meta = data.get("meta", {})
     rel = str(path) if path is not None else "?"
     if path is not None and repo_root is not None:
@@ -134,6 +175,7 @@ def render(path: Path | None, data: dict[str, Any] | None, *, repo_root: Path | 
     if "tests" in t:
         lines += [f"**GPU tests**: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "
                   f"{t['skipped']} skipped.", ""]
+    lines += render_compile(compiles or [])
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -157,7 +199,8 @@ def update_readme(readme: str | Path, results_dir: str | Path, *, committed_only
 
     readme = Path(readme)
     found = latest_results(results_dir, committed_only=committed_only)
-    body = render(found[0] if found else None, found[1] if found else None, repo_root=REPO_ROOT)
+    body = render(found[0] if found else None, found[1] if found else None, repo_root=REPO_ROOT,
+                  compiles=compile_sweeps(results_dir, committed_only=committed_only))
     old = readme.read_text(encoding="utf-8") if readme.exists() else ""
     new = replace_section(old, body)
     if new != old:

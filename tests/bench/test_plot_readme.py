@@ -116,3 +116,22 @@ def test_readme_committed_only_ignores_untracked(tmp_path):
 
 def test_repository_readme_section_is_current():
     assert main(["readme", "--check"]) == 0
+
+
+def test_readme_summarizes_compile_sweeps(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    summary = dict(compiled=323, failed=0, over_shared_limit=0, spilling_defaults=0, spilling_other=2,
+                   wgmma_defaults=30, tma=0, passed=True)
+    for v, ok in (("3.9.0", True), ("3.6.0", False)):
+        (res / f"compile_sm90_triton-{v}.json").write_text(json.dumps(dict(
+            tool="pgolf-bench compile", target="sm_90", triton=v, quick=False, commit_short="abc1234",
+            summary=dict(summary, passed=ok, failed=0 if ok else 3), rows=[])))
+    (res / "compile_broken.json").write_text("{not json")
+    sweeps = readme.compile_sweeps(res, committed_only=False)
+    assert [d["triton"] for _, d in sweeps] == ["3.6.0", "3.9.0"]
+    body = readme.render(None, None, compiles=sweeps)
+    assert body.startswith("No GPU results") and "Compiled for Hopper without a GPU" in body
+    assert "`compile_sm90_triton-3.6.0.json`" in body and "**FAIL**" in body and "| 323 |" in body
+    assert "0 / 2" in body and body.rstrip().endswith("_Section written by `pgolf-bench readme`._")
+    assert readme.latest_results(res, committed_only=False) is None  # compile reports are not GPU results
