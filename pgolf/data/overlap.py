@@ -641,8 +641,8 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-__all__ = ["Match", "OverlapReport", "find_overlap", "scan_chunk", "ValIndex", "PolyHash", "Prefilter", "powers", "lookup",
-           "windows_equal", "extension", "doc_bounds", "doc_cuts", "stream_doc_chunks", "sampled_positions",
+__all__ = ["Match", "OverlapReport", "find_overlap", "scan_chunk", "ValIndex", "PolyHash", "Prefilter", "powers",
+           "lookup", "windows_equal", "extension", "doc_bounds", "doc_cuts", "stream_doc_chunks", "sampled_positions",
            "position_weights", "check_settings", "format_report", "main"]
 
 if __name__ == "__main__":
