@@ -11,6 +11,8 @@
   (SmearGate, BigramHash) can follow the document across the cut as the records' do.
   :func:`cu_seqlens_from_tokens` is the shared helper.
 
+Given ``vocab_size``, every loader checks each shard's token ids against it when it first reads the shard (a
+:class:`pgolf.data.shards.ShardError` naming the file and the position, instead of an index error on the device).
 Every loader has ``state_dict()`` / ``load_state_dict(d)`` (plain ints, lists and tensors, safe for
 ``torch.load(weights_only=True)``) so a trainer can rewind it. Helpers: ``_TokenStream`` (the wraparound
 stream with lazy per-shard memory maps).
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from pgolf.data.shards import read_shard, shard_num_tokens
+from pgolf.errors import InputError
 
 PathLike = str | os.PathLike
 
@@ -61,7 +64,7 @@ class _TokenStream:
         self.vocab_size = vocab_size
         self.lengths = [shard_num_tokens(f) for f in files]
         if sum(self.lengths) == 0:
-            raise ValueError(f"all {len(files)} shards are empty (first: {files[0]}); nothing to stream")
+            raise InputError(f"all {len(files)} shards are empty (first: {files[0]}); nothing to stream")
         self.file_idx = 0
         self.pos = 0
         self._cache: tuple[int, np.ndarray] | None = None
@@ -104,7 +107,7 @@ class _TokenStream:
             if hits.size:
                 self.file_idx, self.pos = idx, int(hits[0])
                 return
-        raise ValueError(f"no BOS token (id {token_id}) in any of the {len(self.files)} shards (first: "
+        raise InputError(f"no BOS token (id {token_id}) in any of the {len(self.files)} shards (first: "
                          f"{self.files[0]}); document packing needs BOS-separated documents, check bos_id")
 
     def state(self) -> dict:
@@ -171,7 +174,7 @@ class ShuffledLoader:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         all_files = _file_list(files)
         if world_size > len(all_files):
-            raise ValueError(f"{len(all_files)} shards cannot feed {world_size} ranks: rank r owns shards r, r+W, "
+            raise InputError(f"{len(all_files)} shards cannot feed {world_size} ranks: rank r owns shards r, r+W, "
                              f"..., so rank {len(all_files)} and above would own none; use at least {world_size} "
                              f"shards (cut them smaller with prepare --shard-tokens) or fewer ranks")
         self.files = all_files[rank::world_size]
@@ -179,7 +182,7 @@ class ShuffledLoader:
         self.vocab_size = vocab_size
         self.lengths = [shard_num_tokens(f) for f in self.files]
         if all(n < seq_len + 1 for n in self.lengths):
-            raise ValueError(f"rank {rank}'s {len(self.files)} shards (first: {self.files[0]}) all hold fewer than "
+            raise InputError(f"rank {rank}'s {len(self.files)} shards (first: {self.files[0]}) all hold fewer than "
                              f"seq_len + 1 = {seq_len + 1} tokens; use a shorter seq_len or bigger shards")
         self.rng = np.random.Generator(np.random.PCG64(seed * 1000003 + rank))
         self._maps: dict[int, np.ndarray] = {}

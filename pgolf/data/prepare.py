@@ -3,8 +3,13 @@
 Each document becomes ``[BOS] + encode(text)`` (no EOS). The first ``num_val_docs`` documents form the
 validation split, the rest the training split; each split's stream is cut into shards of ``shard_tokens``
 tokens (the last one short) named ``fineweb_{val,train}_{idx:06d}.bin``, and a ``prepare_summary.json``
-records files, token and document counts. :func:`train_tokenizer` trains a SentencePiece BPE model with the
-challenge's settings (deterministic: one thread, input order kept).
+records files, token and document counts and the tokenizer's fingerprint. :func:`train_tokenizer` trains a
+SentencePiece BPE model with the challenge's settings (deterministic: one thread, input order kept).
+
+The output folder is built in a temp folder beside it and renamed into place only when every shard is written, so a
+failure (a bad input line, a full disk, Ctrl-C) leaves the old folder as it was and never a mix of old and new
+shards; an existing output folder (or ``--tokenizer-out`` model) is refused unless ``--force``. Every argument and
+the input file are checked before any work, and every error names the flag or the file (no traceback).
 
 Input files (:func:`read_documents`):
 - ``.jsonl``: one JSON object per line with the text under ``text_key`` (default "text"); blank lines are
@@ -25,7 +30,6 @@ import io
 import itertools
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -34,18 +38,17 @@ import numpy as np
 
 from pgolf.data.shards import ShardError, write_shard
 from pgolf.data.tokenizer import Tokenizer
-from pgolf.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pgolf.errors import ConfigError, InputError, MissingInputError, run_cli
+from pgolf.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, refuse_existing, staged_dir
 
 MAX_VOCAB = 65536
 ENCODE_BATCH = 256
-_SHARD_NAME = re.compile(r"^fineweb_(train|val)_(\d{6})\.bin$")
+INPUT_TYPES = (".jsonl", ".txt")
 
 
 def read_documents(path: str | os.PathLike, text_key: str = "text") -> Iterator[str]:
     """Yield the documents of a ``.jsonl`` or ``.txt`` file (see the module docstring for the formats)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
+    path = check_input(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
@@ -55,10 +58,10 @@ def read_documents(path: str | os.PathLike, text_key: str = "text") -> Iterator[
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); each line "
+                    raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); each line "
                                      f"must be one JSON object like {{\"{text_key}\": \"...\"}}") from None
                 if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a string under "
+                    raise InputError(f"{path}:{lineno}: expected a JSON object with a string under "
                                      f"{text_key!r}; set --text-key to the key that holds the text")
                 yield obj[text_key]
     elif suffix == ".txt":
@@ -72,9 +75,18 @@ def read_documents(path: str | os.PathLike, text_key: str = "text") -> Iterator[
                     lines = []
             if lines:
                 yield "\n".join(lines)
-    else:
-        raise ValueError(f"{path}: unsupported input type {suffix!r}; use .jsonl (one JSON object per line) or "
-                         f".txt (documents separated by blank lines)")
+
+
+def check_input(path: str | os.PathLike) -> Path:
+    """``path`` as a Path after checking it is an existing .jsonl or .txt file (named errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"--input {path} {'is a folder' if path.is_dir() else 'does not exist'}; pass a "
+                                f".jsonl or .txt file of documents")
+    if path.suffix.lower() not in INPUT_TYPES:
+        raise InputError(f"--input {path}: unsupported input type {path.suffix.lower()!r}; use .jsonl (one JSON "
+                         f"object per line) or .txt (documents separated by blank lines)")
+    return path
 
 
 def train_tokenizer(docs: Iterable[str], vocab_size: int, model_prefix: str | os.PathLike,
@@ -89,7 +101,7 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, model_prefix: str | os
     import sentencepiece as spm
 
     if not 0 < vocab_size <= MAX_VOCAB:
-        raise ValueError(f"vocab_size must be in [1, {MAX_VOCAB}] (shards store uint16 ids), got {vocab_size}")
+        raise ConfigError(f"--vocab-size must be in [1, {MAX_VOCAB}] (shards store uint16 ids), got {vocab_size}")
     prefix = Path(model_prefix)
     buf = io.BytesIO()
     texts = (d for d in docs if d)
@@ -101,7 +113,7 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, model_prefix: str | os
             num_threads=1, shuffle_input_sentence=False, input_sentence_size=int(max_sentences),
             minloglevel=2)
     except RuntimeError as e:
-        raise ValueError(f"SentencePiece training for {prefix}.model failed: {e}") from None
+        raise InputError(f"SentencePiece training for {prefix}.model failed: {e}") from None
     model_path = atomic_write_bytes(prefix.with_name(prefix.name + ".model"), buf.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
@@ -151,27 +163,39 @@ class _SplitWriter:
 
 
 def prepare(docs: Iterable[str], out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike,
-            num_val_docs: int, shard_tokens: int = 100_000_000) -> dict:
+            num_val_docs: int, shard_tokens: int = 100_000_000, *, force: bool = False) -> dict:
     """Tokenize ``docs`` into val/train shards in ``out_dir``; return (and write) the summary dict.
 
     Docs 0..num_val_docs-1 go to ``fineweb_val_*.bin``, the rest to ``fineweb_train_*.bin``; each doc is
-    [BOS] + encode(text), streams are cut every ``shard_tokens`` tokens. Shards of an earlier run with the same
-    naming that this run did not rewrite are deleted so that ``find_shards`` sees only this run's files.
-    Summary: {"tokenizer", "vocab_size", "bos_id", "shard_tokens", "val": {...}, "train": {...}} where each
-    split has "files", "num_tokens", "num_docs", "num_raw_bytes" (UTF-8 bytes of the raw text).
+    [BOS] + encode(text), streams are cut every ``shard_tokens`` tokens. The folder is built beside ``out_dir`` and
+    renamed into place at the end; an existing ``out_dir`` is refused unless ``force`` (then replaced whole).
+    Summary: {"tokenizer", "tokenizer_fingerprint", "vocab_size", "bos_id", "shard_tokens", "val": {...},
+    "train": {...}} where each split has "files", "num_tokens", "num_docs", "num_raw_bytes" (UTF-8 bytes of the
+    raw text).
     """
+    tok = checked_tokenizer(tokenizer_path, num_val_docs, shard_tokens)
+    with staged_dir(out_dir, force=force, what="prepared data folder") as tmp:
+        return write_shards(docs, tmp, tok, num_val_docs, shard_tokens)
+
+
+def checked_tokenizer(tokenizer_path: str | os.PathLike, num_val_docs: int, shard_tokens: int) -> Tokenizer:
+    """The tokenizer, after checking it and the split settings can make shards (named errors)."""
     if num_val_docs < 0:
-        raise ValueError(f"num_val_docs must be >= 0, got {num_val_docs}")
+        raise ConfigError(f"--num-val-docs must be >= 0, got {num_val_docs}")
     if shard_tokens <= 0:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+        raise ConfigError(f"--shard-tokens must be positive, got {shard_tokens}")
     tok = Tokenizer(tokenizer_path)
     if tok.vocab_size > MAX_VOCAB:
         raise ShardError(f"tokenizer {tok.path} has vocab {tok.vocab_size} > {MAX_VOCAB}; shards store uint16 ids, "
                          f"use a tokenizer with at most {MAX_VOCAB} pieces")
     if tok.bos_id < 0:
-        raise ValueError(f"tokenizer {tok.path} has no BOS id; train it with bos_id=1 (train_tokenizer does)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        raise InputError(f"tokenizer {tok.path} has no BOS id; train it with bos_id=1 (train_tokenizer does)")
+    return tok
+
+
+def write_shards(docs: Iterable[str], out: Path, tok: Tokenizer, num_val_docs: int, shard_tokens: int,
+                 tokenizer_name: str | None = None) -> dict:
+    """Write the shards and ``prepare_summary.json`` into the (fresh) folder ``out``; return the summary."""
     writers = {"val": _SplitWriter(out, "val", shard_tokens), "train": _SplitWriter(out, "train", shard_tokens)}
     it = iter(docs)
     index = 0
@@ -181,7 +205,7 @@ def prepare(docs: Iterable[str], out_dir: str | os.PathLike, tokenizer_path: str
             break
         for j, text in enumerate(batch):
             if not isinstance(text, str):
-                raise TypeError(f"document {index + j} is {type(text).__name__}, not str")
+                raise InputError(f"document {index + j} is {type(text).__name__}, not str")
         for text, ids in zip(batch, tok.encode_batch(batch)):
             arr = np.empty(len(ids) + 1, dtype=np.uint16)
             arr[0] = tok.bos_id
@@ -189,25 +213,21 @@ def prepare(docs: Iterable[str], out_dir: str | os.PathLike, tokenizer_path: str
             writers["val" if index < num_val_docs else "train"].add(arr, len(text.encode("utf-8")))
             index += 1
     if index <= num_val_docs:
-        raise ValueError(f"only {index} documents but num_val_docs={num_val_docs} leaves none for training; "
+        raise InputError(f"only {index} documents but --num-val-docs {num_val_docs} leaves none for training; "
                          f"lower --num-val-docs or supply more documents")
-    summary = {"tokenizer": str(tok.path), "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
-               "shard_tokens": int(shard_tokens)}
+    summary = {"tokenizer": tokenizer_name or str(tok.path), "tokenizer_fingerprint": tok.fingerprint(),
+               "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "shard_tokens": int(shard_tokens)}
     for split, w in writers.items():
         summary[split] = w.close()
-    written = {n for s in ("val", "train") for n in summary[s]["files"]}
-    for p in out.iterdir():
-        if _SHARD_NAME.match(p.name) and p.name not in written:
-            p.unlink()
     atomic_write_json(out / "prepare_summary.json", summary)
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """CLI entry point (see ``--help``); prints the summary as JSON."""
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point (see ``--help``); prints the summary as JSON. Returns the exit status."""
     ap = argparse.ArgumentParser(prog="python -m pgolf.data.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", required=True, help=".jsonl (one JSON object per line) or .txt (blank-line separated)")
-    ap.add_argument("--out", required=True, help="output directory for the shards")
+    ap.add_argument("--out", required=True, help="output directory for the shards (refused if it exists)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--tokenizer", help="an existing SentencePiece .model")
     src.add_argument("--train-tokenizer", action="store_true", help="train one on the training documents")
@@ -217,23 +237,42 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-val-docs", type=int, default=50_000, help="first N documents form the val split")
     ap.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
     ap.add_argument("--text-key", default="text", help="JSON key of the text in .jsonl input")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out folder (and --tokenizer-out)")
     args = ap.parse_args(argv)
-
-    tokenizer = args.tokenizer
-    if args.train_tokenizer:
-        if not args.vocab_size:
-            ap.error("--train-tokenizer needs --vocab-size")
-        prefix = args.tokenizer_out or str(Path(args.out) / f"fineweb_{args.vocab_size}_bpe")
-        train_docs = itertools.islice(read_documents(args.input, args.text_key), args.num_val_docs, None)
-        tokenizer = train_tokenizer(train_docs, args.vocab_size, prefix, max_sentences=args.max_sentences)
-    elif args.vocab_size or args.tokenizer_out:
+    if args.train_tokenizer and not args.vocab_size:
+        ap.error("--train-tokenizer needs --vocab-size")
+    if not args.train_tokenizer and (args.vocab_size or args.tokenizer_out):
         ap.error("--vocab-size / --tokenizer-out only apply with --train-tokenizer")
-    summary = prepare(read_documents(args.input, args.text_key), args.out, tokenizer, args.num_val_docs,
-                      args.shard_tokens)
+    return run_cli("pgolf.data.prepare", lambda: _prepare(args))
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    check_input(args.input)
+    if args.max_sentences < 1:
+        raise ConfigError(f"--max-sentences must be >= 1, got {args.max_sentences}")
+    if args.train_tokenizer and not 0 < args.vocab_size <= MAX_VOCAB:
+        raise ConfigError(f"--vocab-size must be in [1, {MAX_VOCAB}] (shards store uint16 ids), got {args.vocab_size}")
+    out = Path(args.out)
+    refuse_existing(out, force=args.force, what="prepared data folder")
+    if args.tokenizer_out:
+        for ext in (".model", ".vocab"):
+            refuse_existing(args.tokenizer_out + ext, force=args.force, what="tokenizer", flag="--tokenizer-out")
+    if args.tokenizer:
+        checked_tokenizer(args.tokenizer, args.num_val_docs, args.shard_tokens)
+    with staged_dir(out, force=args.force, what="prepared data folder") as tmp:
+        tokenizer, name = args.tokenizer, None
+        if args.train_tokenizer:
+            own = Path(args.tokenizer_out) if args.tokenizer_out else tmp / f"fineweb_{args.vocab_size}_bpe"
+            train_docs = itertools.islice(read_documents(args.input, args.text_key), args.num_val_docs, None)
+            tokenizer = train_tokenizer(train_docs, args.vocab_size, own, max_sentences=args.max_sentences)
+            name = str(Path(args.tokenizer_out + ".model") if args.tokenizer_out else out / tokenizer.name)
+        tok = checked_tokenizer(tokenizer, args.num_val_docs, args.shard_tokens)
+        summary = write_shards(read_documents(args.input, args.text_key), tmp, tok, args.num_val_docs,
+                               args.shard_tokens, tokenizer_name=name)
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
-    return summary
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,10 +2,11 @@
 
 A shard is a 1024-byte header of 256 little-endian int32 ``[MAGIC, VERSION, N, 0, ...]`` followed by N
 little-endian uint16 tokens, so its size is exactly ``1024 + 2 N`` bytes. :func:`read_shard` checks all of
-that (and optionally that every id is below the vocab size) and names the file and the problem when a check
-fails. Helpers: :func:`write_shard` (atomic), :func:`shard_num_tokens` (header only), :func:`find_shards`
-(``fineweb_{split}_*.bin`` without the ``_bytes_`` sidecars), :func:`load_tokens` and
-:func:`load_validation_tokens` (int64 torch tensors, the latter truncated to a whole number of sequences + 1).
+that (and, given the vocab size, that every id is below it: the loaders and the validation loader check each
+shard as they first read it) and raises :class:`ShardError` naming the file, the position and the fix. Helpers:
+:func:`write_shard` (atomic), :func:`shard_num_tokens` (header only), :func:`find_shards` (``fineweb_{split}_*.bin``
+without the ``_bytes_`` sidecars), :func:`load_tokens` and :func:`load_validation_tokens` (int64 torch tensors, the
+latter truncated to a whole number of sequences + 1).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from pgolf.errors import InputError, MissingInputError
 from pgolf.utils import atomic_write_bytes
 
 MAGIC = 20240520
@@ -29,7 +31,7 @@ MAX_TOKENS_PER_SHARD = 2**31 - 1
 PathLike = str | os.PathLike
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A shard file (or the tokens meant for one) is malformed; the message names the file and the fix."""
 
 
@@ -62,9 +64,9 @@ def write_shard(path: PathLike, tokens) -> Path:
 
 
 def _checked_num_tokens(path: Path) -> int:
-    """Validate the header and exact file size of ``path``; return N. Raises FileNotFoundError / ShardError."""
+    """Validate the header and exact file size of ``path``; return N. Raises MissingInputError / ShardError."""
     if not path.is_file():
-        raise FileNotFoundError(f"shard {path} does not exist (or is not a file); check the data path")
+        raise MissingInputError(f"shard {path} does not exist (or is not a file); check the data path")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header; the file is "
@@ -120,17 +122,19 @@ def read_shard(path: PathLike, vocab_size: int | None = None) -> np.ndarray:
 def find_shards(data_path: PathLike, split: str) -> list[Path]:
     """Sorted ``fineweb_{split}_*.bin`` files in directory ``data_path``, without ``fineweb_{split}_bytes_*``.
 
-    Raises FileNotFoundError naming the directory and the pattern when the folder is missing or nothing matches.
+    Raises MissingInputError naming the directory and the pattern when the folder is missing or nothing matches.
     """
     data_path = Path(data_path)
     pattern = f"fineweb_{split}_*.bin"
+    if data_path.exists() and not data_path.is_dir():
+        raise InputError(f"data path {data_path} is a file; pass the folder that holds the {pattern} shards")
     if not data_path.is_dir():
-        raise FileNotFoundError(f"data directory {data_path} does not exist; expected shards named {pattern} in it "
+        raise MissingInputError(f"data directory {data_path} does not exist; expected shards named {pattern} in it "
                                 f"(run `python -m pgolf.data.prepare` or build the synthetic corpus)")
     sidecar = f"fineweb_{split}_bytes_"
     files = sorted(p for p in data_path.glob(pattern) if p.is_file() and not p.name.startswith(sidecar))
     if not files:
-        raise FileNotFoundError(f"no shards matching {pattern} in {data_path}; check the directory and split name "
+        raise MissingInputError(f"no shards matching {pattern} in {data_path}; check the directory and split name "
                                 f"(run `python -m pgolf.data.prepare` to make them)")
     return files
 

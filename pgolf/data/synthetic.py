@@ -239,7 +239,7 @@ def build_default_corpus(out_dir: str | os.PathLike = "data/synthetic", seed: in
     docs = source.sample_documents(num_val_docs + num_train_docs, seed)
     atomic_write_text(out / "docs.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
     tok_path = train_tokenizer(docs[num_val_docs:], vocab_size, out / f"tokenizer_{vocab_size}_bpe")
-    summary = prepare(docs, out / "shards", tok_path, num_val_docs, shard_tokens=100_000_000)
+    summary = prepare(docs, out / "shards", tok_path, num_val_docs, shard_tokens=100_000_000, force=True)  # a cache
     val_bits, val_bytes = source.oracle_bits(docs[:num_val_docs])
     meta = {
         "params": params,

@@ -4,21 +4,26 @@ For a scored pair (previous token p, target y) the counted bytes are
 ``base_bytes[y] + (has_space[y] and not is_boundary[p])``, and
 ``val_bpb = Σ nll / (ln 2 · Σ bytes)`` with both sums in float64.
 
-Also: :class:`Tokenizer`, a thin SentencePiece wrapper with clear errors, :func:`build_byte_tables` (the
-per-token tables above from a SentencePiece model) and :func:`normalize_text` (text after the tokenizer's
-normalizer, i.e. what the byte counts measure).
+Also: :class:`Tokenizer`, a thin SentencePiece wrapper with clear errors and a fingerprint (the SHA-256 of the model
+file and its vocab size, recorded by the artifact and checked when the artifact is scored, so a different tokenizer
+with the same vocab size cannot score it silently), :func:`build_byte_tables` (the per-token tables above from a
+SentencePiece model) and :func:`normalize_text` (text after the tokenizer's normalizer, i.e. what the byte counts
+measure).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
+
+from pgolf.errors import InputError, MismatchError, MissingInputError
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def normalize_text(sp_or_tokenizer, text: str) -> str:
 class Tokenizer:
     """A SentencePiece model loaded from ``model_path``: encode/decode, vocab checks and byte tables.
 
-    Raises FileNotFoundError when the file is missing and ValueError when it is not a SentencePiece model.
+    Raises MissingInputError when the file is missing and InputError when it is not a SentencePiece model.
     """
 
     def __init__(self, model_path: str | os.PathLike):
@@ -117,16 +122,17 @@ class Tokenizer:
 
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer model {self.path} does not exist; pass the .model file of a "
-                                    f"SentencePiece tokenizer (e.g. data/tokenizers/fineweb_1024_bpe.model)")
+            what = "is a folder" if self.path.is_dir() else "does not exist"
+            raise MissingInputError(f"tokenizer model {self.path} {what}; pass the .model file of a SentencePiece "
+                                    f"tokenizer (e.g. data/tokenizers/fineweb_1024_bpe.model)")
         sp = spm.SentencePieceProcessor()
         try:
             ok = sp.Load(str(self.path))
         except (RuntimeError, OSError, UnicodeError) as e:
-            raise ValueError(f"{self.path} is not a SentencePiece model ({e}); pass a .model file, not the "
+            raise InputError(f"{self.path} is not a SentencePiece model ({e}); pass a .model file, not the "
                              f".vocab listing or another file") from None
         if ok is False or sp.get_piece_size() <= 0:
-            raise ValueError(f"{self.path} could not be loaded as a SentencePiece model; pass a .model file")
+            raise InputError(f"{self.path} could not be loaded as a SentencePiece model; pass a .model file")
         self.sp = sp
 
     @property
@@ -155,12 +161,31 @@ class Tokenizer:
 
     def byte_tables(self, vocab_size: int | None = None) -> ByteTables:
         """:func:`build_byte_tables` of this model, sized max(vocab_size, model vocab)."""
-        return build_byte_tables(self.sp, vocab_size)
+        try:
+            return build_byte_tables(self.sp, vocab_size)
+        except ValueError as e:
+            raise InputError(f"{self.path}: {e}") from None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """{'sha256': hex digest of the model file, 'vocab_size', 'file': its name}: what an artifact records."""
+        return {"sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(), "vocab_size": self.vocab_size,
+                "file": self.path.name}
+
+    def check_fingerprint(self, expected: Mapping[str, Any], *, source: str) -> None:
+        """Raise MismatchError unless this model is the one ``expected`` (a :meth:`fingerprint` that ``source``,
+        e.g. an artifact, recorded) describes."""
+        mine = self.fingerprint()
+        if mine["sha256"] != expected.get("sha256") or mine["vocab_size"] != expected.get("vocab_size"):
+            raise MismatchError(
+                f"tokenizer mismatch: {source} was made with {expected.get('file', '?')} (vocab "
+                f"{expected.get('vocab_size')}, sha256 {str(expected.get('sha256'))[:16]}...) but the tokenizer given "
+                f"is {self.path} (vocab {mine['vocab_size']}, sha256 {mine['sha256'][:16]}...); its val_bpb would be "
+                f"meaningless. Pass the tokenizer the data and the model were made with")
 
     def check_vocab(self, model_vocab_size: int) -> None:
-        """Raise ValueError unless the model's vocab equals this tokenizer's vocab."""
+        """Raise MismatchError unless the model's vocab equals this tokenizer's vocab."""
         if int(model_vocab_size) != self.vocab_size:
-            raise ValueError(f"tokenizer {self.path} has vocab {self.vocab_size} but the model expects "
+            raise MismatchError(f"tokenizer {self.path} has vocab {self.vocab_size} but the model expects "
                              f"{model_vocab_size}; use the tokenizer the data and model were made with "
                              f"(or set the model's vocab_size to {self.vocab_size})")
 

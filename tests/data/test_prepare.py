@@ -31,9 +31,10 @@ def test_cli_round_trip_with_real_tokenizer(tmp_path, shared_data, real_docs):
     src.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(real_docs)), "utf-8")
     n_val, shard_tokens = 4, 700
     out = tmp_path / "out"
-    summary = main(["--input", str(src), "--out", str(out), "--tokenizer", str(model), "--num-val-docs", str(n_val),
-                    "--shard-tokens", str(shard_tokens), "--text-key", "body"])
-    assert json.loads((out / "prepare_summary.json").read_text()) == summary
+    assert main(["--input", str(src), "--out", str(out), "--tokenizer", str(model), "--num-val-docs", str(n_val),
+                 "--shard-tokens", str(shard_tokens), "--text-key", "body"]) == 0
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert summary["tokenizer_fingerprint"] == Tokenizer(model).fingerprint()
     sp = spm.SentencePieceProcessor(model_file=str(model))  # independent reference: sentencepiece directly
     for split, docs in (("val", real_docs[:n_val]), ("train", real_docs[n_val:])):
         files = find_shards(out, split)
@@ -56,9 +57,11 @@ def test_cli_trains_tokenizer_from_txt(tmp_path, real_docs):
     src.write_text("\n\n \n".join(docs) + "\n\n\n", "utf-8")
     assert list(read_documents(src)) == docs
     out = tmp_path / "out"
-    summary = main(["--input", str(src), "--out", str(out), "--train-tokenizer", "--vocab-size", "400",
-                    "--num-val-docs", "2"])
+    assert main(["--input", str(src), "--out", str(out), "--train-tokenizer", "--vocab-size", "400",
+                 "--num-val-docs", "2"]) == 0
+    summary = json.loads((out / "prepare_summary.json").read_text())
     tok = Tokenizer(out / "fineweb_400_bpe.model")
+    assert summary["tokenizer"] == str(out / "fineweb_400_bpe.model")  # the final path, not the temp folder's
     assert (out / "fineweb_400_bpe.vocab").is_file() and summary["vocab_size"] == tok.vocab_size <= 400
     stream = np.concatenate([read_shard(f) for f in find_shards(out, "train")])
     assert [tok.decode(d.tolist()) for d in _split_docs(stream, 1)] == [normalize_text(tok, d) for d in docs[2:]]
@@ -104,10 +107,10 @@ def test_prepare_refuses_big_vocab_and_too_few_docs(tmp_path, shared_data, monke
         prepare(["a"], tmp_path, model, num_val_docs=0)
 
 
-def test_rerun_removes_stale_shards(tmp_path, shared_data, real_docs):
+def test_forced_rerun_replaces_the_folder_whole(tmp_path, shared_data, real_docs):
     model = shared_data / "tokenizers" / "fineweb_1024_bpe.model"
     first = prepare(real_docs, tmp_path, model, num_val_docs=2, shard_tokens=500)
-    second = prepare(real_docs, tmp_path, model, num_val_docs=2, shard_tokens=10**6)
+    second = prepare(real_docs, tmp_path, model, num_val_docs=2, shard_tokens=10**6, force=True)
     assert len(first["train"]["files"]) > 1 and second["train"]["files"] == ["fineweb_train_000000.bin"]
     assert [f.name for f in find_shards(tmp_path, "train")] == second["train"]["files"]
 
