@@ -6,8 +6,9 @@ The MLPs are switched to their unfused path during calibration (``mlp.fused = Fa
 sees the hidden activation. The tied embedding's Hessian comes from the final norm's output (the LM-head input,
 ``model.hidden(x)``). Batches must be TRAINING data (reference-stack 5.6): :func:`calibration_batches` draws them
 from the training shards with :class:`pgolf.data.loaders.ShuffledLoader`, and every batch passes the compliance
-guard ``pgolf.eval.ledger.assert_not_validation`` (context ``gptq_calibration``). With a process group running,
-the Hessians are averaged across ranks (each rank reads its own batches).
+guard :func:`pgolf.compliance_guard.assert_not_validation` (context ``gptq_calibration``; the guard lives below
+both :mod:`pgolf.quant` and :mod:`pgolf.eval`, so quantization never imports the evaluation package). With a process
+group running, the Hessians are averaged across ranks (each rank reads its own batches).
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pgolf.compliance_guard import assert_not_validation
+
 EMBED_KEY = "tok_emb.weight"
 
 
 def calibration_batches(train_files: Sequence, seq_len: int, tokens_per_batch: int, n_batches: int, *,
-                        rank: int = 0, world_size: int = 1, seed: int = 0) -> Iterator[Tensor]:
+                        rank: int = 0, world_size: int = 1, seed: int = 0,
+                        vocab_size: int | None = None) -> Iterator[Tensor]:
     """``n_batches`` int64 (B, seq_len) input batches of training windows for this rank (B = tokens // seq_len).
 
     Rank r reads its own shards (files[r::W]) when there are enough, else all shards with a rank-specific seed.
+    With ``vocab_size`` every shard's ids are checked against it as the shard is first read.
     """
     from pgolf.data.loaders import ShuffledLoader
 
@@ -35,9 +40,9 @@ def calibration_batches(train_files: Sequence, seq_len: int, tokens_per_batch: i
         raise ValueError(f"calibration batch of {tokens_per_batch} tokens is shorter than one sequence ({seq_len})")
     files = list(train_files)
     if world_size <= len(files):
-        loader = ShuffledLoader(files, seq_len, rank=rank, world_size=world_size, seed=seed)
+        loader = ShuffledLoader(files, seq_len, rank=rank, world_size=world_size, seed=seed, vocab_size=vocab_size)
     else:
-        loader = ShuffledLoader(files, seq_len, seed=seed * 131 + rank)
+        loader = ShuffledLoader(files, seq_len, seed=seed * 131 + rank, vocab_size=vocab_size)
     for _ in range(n_batches):
         yield loader.next_batch(tokens_per_batch // seq_len)[0]
 
@@ -64,11 +69,6 @@ def collect_hessians(model: nn.Module, batches: Iterable[Tensor], *, device: tor
     ``looping`` sets ``model.looping_active`` for the passes (None: on when the model has loops).
     """
     device = device or next(model.parameters()).device
-    try:  # the compliance guard: raises if a batch is (or holds a verbatim run of) validation tokens
-        from pgolf.eval.ledger import assert_not_validation
-    except ImportError:
-        def assert_not_validation(batch, *, context, step=None):
-            return None
     hess: dict[str, Tensor] = {}
     handles = []
     last: list = [None, None]  # (input tensor, its XᵀX): Q, K and V read the same input, computed once

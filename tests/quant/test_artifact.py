@@ -79,10 +79,11 @@ def test_calibration_batches_come_from_the_training_shards(tmp_path):
 
 
 def test_calibration_refuses_validation_tokens():
-    ledger = pytest.importorskip("pgolf.eval.ledger")
+    from pgolf import compliance_guard as guard
+
     batches = random_batches(2)
-    batches[1] = ledger.mark_validation(batches[1])
-    with pytest.raises(ledger.ComplianceViolation, match="gptq_calibration"):
+    batches[1] = guard.mark_validation(batches[1])
+    with pytest.raises(guard.ComplianceViolation, match="gptq_calibration"):
         collect_hessians(make_model(), batches)
 
 
