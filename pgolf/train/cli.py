@@ -5,6 +5,9 @@ Examples::
     python -m pgolf.train --preset tiny --data-path data/synthetic/shards --tokenizer-path data/synthetic/tokenizer.model
     DATA_PATH=... TOKENIZER_PATH=... torchrun --nproc_per_node=8 -m pgolf.train --preset sota
     python -m pgolf.train --preset pr1493 --print-params
+
+Every setting is checked before any work; a bad one, a missing input or an existing run folder (``--force``
+replaces its outputs) is reported by name without a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pgolf.errors import run_cli
 from pgolf.train.config import add_flags, resolve
 
 
@@ -25,22 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli("pgolf-train", lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k != "print_params"}
-    try:
-        cfg, model_cfg = resolve(flags.get("preset") or "sota", flags=flags)
-    except ValueError as e:
-        print(f"pgolf-train: error: {e}", file=sys.stderr)
-        return 2
+    cfg, model_cfg = resolve(flags.get("preset") or "sota", flags=flags)
     if args.print_params:
         print_params(cfg.preset, model_cfg)
         return 0
-    from pgolf.train.trainer import TrainingDiverged, train
+    from pgolf.train.trainer import train
 
-    try:
-        summary = train(cfg, model_cfg)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
-        print(f"pgolf-train: error: {e}", file=sys.stderr)
-        return 1
+    summary = train(cfg, model_cfg)
     art = summary.get("artifact") or {}
     scored = f" artifact_val_bpb:{art['val_bpb']:.6f} bytes_total:{art.get('bytes_total', 0)}" if art else ""
     print(f"val_bpb:{summary['val_bpb']:.6f}{scored} steps:{summary['steps']} "

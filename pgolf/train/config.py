@@ -1,18 +1,26 @@
-"""Training configuration: a dataclass, the record scripts' environment variable names, and CLI flags.
+"""Training configuration: a dataclass, the record scripts' environment variable names, CLI flags and the checks.
 
 Precedence: dataclass defaults < preset < environment variables (the record scripts' names, e.g.
 ``TRAIN_BATCH_TOKENS``, ``QK_GAIN_INIT``) < command-line flags (``--train-batch-tokens``, ``--qk-gain-init``).
 Model fields (:class:`pgolf.model.GPTConfig`) and training fields share one flat namespace.
+
+Every setting is checked here, before any work: :func:`resolve` names the flag or variable a value could not be
+read from, and :func:`validate` checks every field's range or allowed values (:data:`LOWER_BOUNDS`,
+:data:`UNIT_RANGES`, :data:`CHOICES`, ...) and the settings that must agree with each other (the batch split, the
+eval stride, the calibration tokens, the device), raising :class:`pgolf.errors.ConfigError` with the flag and the
+variable by name. Nothing unknown or malformed falls back to a default.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from pgolf.errors import ConfigError
 from pgolf.model.config import GPTConfig
 from pgolf.model.presets import get_preset
 
@@ -26,6 +34,7 @@ class TrainConfig:
     tokenizer_path: str = ""        # SentencePiece model (byte tables for val_bpb)
     run_dir: str = ""               # default runs/<run_id>
     run_id: str = ""
+    force: bool = False             # replace an existing run dir's outputs (else it is refused)
     seed: int = 1337
     iterations: int = 20000
     train_seq_len: int = 2048
@@ -129,29 +138,280 @@ _TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
 assert not set(_MODEL_FIELDS) & set(_TRAIN_FIELDS), "model and train field names must not collide"
 
 
+# ---- the checks: one rule table per kind of constraint (flags and variables are named from the field) ----------
+
+LOWER_BOUNDS = {  # inclusive
+    "seed": 0, "iterations": 0, "train_seq_len": 1, "train_batch_tokens": 1, "grad_accum_base": 1,
+    "max_wallclock_seconds": 0, "gptq_reserve_seconds": 0, "warmdown_iters": 0, "matrix_lr": 0,
+    "muon_momentum_warmup_steps": 0, "muon_wd": 0, "ns_steps": 1, "tok_lr": 0, "tok_wd": 0, "scalar_lr": 0,
+    "scalar_wd": 0, "grad_clip_norm": 0, "warmup_steps": 0, "eval_seq_len": 1, "eval_stride": 0,
+    "eval_batch_seqs": 1, "val_loss_every": 0, "val_max_tokens": 0, "train_log_every": 0,
+    "quant_passthrough_max": 0, "gptq_calibration_batches": 1, "gptq_calibration_tokens": 0, "gptq_block_size": 1,
+    "lqer_rank": 0, "lqer_top": 0, "code_bytes": 0,
+    "vocab_size": 2, "num_layers": 1, "model_dim": 1, "num_heads": 1, "num_kv_heads": 1, "mlp_hidden": 1,
+    "rope_dims": 0, "rope_train_seq_len": 0, "xsa_last_n": 0, "num_loops": 0, "loop_start": 0, "loop_end": 0,
+    "parallel_start": 0, "smear_width": 1, "attn_gate_width": 1, "bigram_buckets": 0, "bigram_dim": 1,
+    "value_embed_dim": 0, "bos_id": 0, "tied_embed_init_std": 0,
+}
+POSITIVE = ("adam_eps", "gptq_damp", "rope_base", "logit_softcap", "quant_attn_k", "quant_mlp_k", "quant_embed_k")
+UNIT_RANGES = {  # (low, high, high included)
+    "warmdown_frac": (0.0, 1.0, True), "min_lr": (0.0, 1.0, True), "loop_activate_frac": (0.0, 1.0, True),
+    "muon_momentum": (0.0, 1.0, False), "muon_momentum_start": (0.0, 1.0, False), "ema_decay": (0.0, 1.0, False),
+}
+BIT_WIDTHS = {"quant_attn_bits": (2, 8), "quant_mlp_bits": (2, 8), "quant_embed_bits": (2, 8)}
+CHOICES = {
+    "loader": ("sequential", "shuffled", "packed"), "compile": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda"),
+    "quant_method": ("gptq", "rtn", "none"), "artifact_layout": ("int8", "packed6"), "budget_check": ("error", "warn"),
+    "ns_coefficients": ("classic", "polar_express"),
+}
+
+
 def resolve(preset: str, env: Mapping[str, str] | None = None,
             flags: Mapping[str, Any] | None = None) -> tuple[TrainConfig, GPTConfig]:
-    """(TrainConfig, GPTConfig) from a preset name, environment variables and parsed flag values."""
+    """(TrainConfig, GPTConfig) from a preset name, environment variables and parsed flag values.
+
+    Raises ConfigError naming the flag or the variable of a value that cannot be read or breaks a rule.
+    """
     env = os.environ if env is None else env
     flags = dict(flags or {})
-    p = get_preset(flags.pop("preset", None) or env.get("PRESET") or preset)
+    p = _preset(flags.pop("preset", None) or env.get("PRESET") or preset)
     values: dict[str, Any] = {**p.train, "preset": p.name}
     model_values: dict[str, Any] = {}
     for var, name in ENV_NAMES.items():
-        if var in env and env[var] != "":
-            (model_values if name in _MODEL_FIELDS else values)[name] = _parse(name, env[var])
-    mlp_mult = float(env["MLP_MULT"]) if env.get("MLP_MULT") else None
+        if env.get(var, "") != "":
+            (model_values if name in _MODEL_FIELDS else values)[name] = _parse(name, env[var], source=var)
     for name, v in flags.items():
         if v is None:
             continue
         if name not in _MODEL_FIELDS and name not in _TRAIN_FIELDS:
-            raise ValueError(f"unknown setting {name!r}")
+            raise ConfigError(f"unknown setting {name!r}")
         (model_values if name in _MODEL_FIELDS else values)[name] = v
+    mlp_mult = _mlp_mult(env)
     if mlp_mult is not None and "mlp_hidden" not in model_values:
         model_values["mlp_hidden"] = int(mlp_mult * model_values.get("model_dim", p.model.model_dim))
+    check_values({**values, **model_values})
     train = TrainConfig(**values)
     _rope_follows_train_seq_len(p.model, train, model_values, env)
-    return train, p.model.replace(**model_values)
+    return train, _model_config(p.model, model_values)
+
+
+def validate(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int | None = None) -> None:
+    """Check every setting (each field's rule, then the ones that must agree); ConfigError names the flag.
+
+    ``world_size``: check that the batch splits into that many ranks (None: not checked). Needs no data.
+    """
+    check_values({**cfg.to_dict(), **model_cfg.to_dict()})
+    if cfg.eval_stride > cfg.eval_seq_len:
+        raise ConfigError(f"{setting_name('eval_stride')} {cfg.eval_stride} is longer than the window "
+                          f"{setting_name('eval_seq_len')} {cfg.eval_seq_len}; use a stride of at most the window "
+                          f"(or 0 for no sliding eval)")
+    if 0 < cfg.val_max_tokens < cfg.eval_seq_len:
+        raise ConfigError(f"{setting_name('val_max_tokens')} {cfg.val_max_tokens} is less than one evaluation "
+                          f"window ({setting_name('eval_seq_len')} {cfg.eval_seq_len}); use 0 (all) or at least "
+                          f"{cfg.eval_seq_len}")
+    if cfg.max_wallclock_seconds and cfg.gptq_reserve_seconds >= cfg.max_wallclock_seconds:
+        raise ConfigError(f"{setting_name('gptq_reserve_seconds')} {cfg.gptq_reserve_seconds:g} leaves no training "
+                          f"time under {setting_name('max_wallclock_seconds')} {cfg.max_wallclock_seconds:g}")
+    if cfg.quant_method == "gptq" and 0 < cfg.gptq_calibration_tokens < cfg.train_seq_len:
+        raise ConfigError(f"{setting_name('gptq_calibration_tokens')} {cfg.gptq_calibration_tokens} is shorter "
+                          f"than one sequence ({setting_name('train_seq_len')} {cfg.train_seq_len}); use 0 "
+                          f"(train_batch_tokens / world size) or at least {cfg.train_seq_len}")
+    if cfg.lqer_rank and not cfg.lqer_top:
+        raise ConfigError(f"{setting_name('lqer_rank')} {cfg.lqer_rank} corrects no tensor with "
+                          f"{setting_name('lqer_top')} 0; set lqer_top >= 1, or lqer_rank 0 for no LQER")
+    if any(not 0 <= i < model_cfg.num_layers for i in model_cfg.value_embed_layers):
+        raise ConfigError(f"{setting_name('value_embed_layers')} {list(model_cfg.value_embed_layers)} must be "
+                          f"layers in 0..{model_cfg.num_layers - 1}")
+    if world_size is not None:
+        _check_batch_split(cfg, world_size)
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{setting_name('device')} cuda was asked for but torch sees no CUDA device "
+                              f"(torch {torch.__version__}); use --device cpu or auto")
+
+
+def check_values(values: Mapping[str, Any]) -> None:
+    """Each value's type and its rule (bounds, range, bit width, allowed values); ConfigError names the flag."""
+    for name, v in values.items():
+        f = _MODEL_FIELDS.get(name) or _TRAIN_FIELDS.get(name)
+        if f is None:
+            raise ConfigError(f"unknown setting {name!r}")
+        _check_type(name, str(f.type), v)
+        _check_rule(name, v)
+    choices = {"parallel_residual": "PARALLEL_MODES", "smear_gate": "SMEAR_MODES", "attn_gate": "ATTN_GATES",
+               "init": "INITS", "rope_tables": "ROPE_TABLES"}
+    import pgolf.model.config as mc
+
+    for name, table in choices.items():
+        if name in values and values[name] not in getattr(mc, table):
+            raise ConfigError(_one_of(name, values[name], getattr(mc, table)))
+
+
+def check_paths(cfg: TrainConfig, need: tuple[str, ...] = ("data_path", "tokenizer_path", "run_dir")) -> None:
+    """The input paths exist (data folder, tokenizer file) and the run folder can be written; named errors."""
+    from pgolf.errors import InputError, MissingInputError
+    from pgolf.utils import check_writable
+
+    if "data_path" in need:
+        if not cfg.data_path:
+            raise ConfigError("no training data: pass --data-path DIR (or DATA_PATH=DIR) with fineweb_train_*.bin "
+                              "and fineweb_val_*.bin shards; `python -m pgolf.data.synthetic` builds a small corpus")
+        if not os.path.isdir(cfg.data_path):
+            what = "is a file, not a folder" if os.path.exists(cfg.data_path) else "does not exist"
+            raise MissingInputError(f"{setting_name('data_path')} {cfg.data_path} {what}; pass the folder with "
+                                    f"the fineweb_train_*.bin / fineweb_val_*.bin shards")
+    if "tokenizer_path" in need:
+        if not cfg.tokenizer_path:
+            raise ConfigError("no tokenizer: pass --tokenizer-path MODEL (or TOKENIZER_PATH); val_bpb needs its "
+                              "byte tables")
+        if os.path.isdir(cfg.tokenizer_path):
+            raise InputError(f"{setting_name('tokenizer_path')} {cfg.tokenizer_path} is a folder; pass the "
+                             f"SentencePiece .model file")
+    if "run_dir" in need and cfg.run_dir:
+        check_writable(cfg.run_dir, "--run-dir")
+
+
+def setting_name(name: str) -> str:
+    """How a user sets field ``name``: ``--eval-stride (EVAL_STRIDE)``, or just the flag."""
+    var = _ENV_OF.get(name)
+    return "--" + name.replace("_", "-") + (f" ({var})" if var else "")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per TrainConfig and GPTConfig field (default None = not given; a boolean flag alone
+    means true)."""
+    for f in list(fields(TrainConfig)) + list(fields(GPTConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        switch = dict(nargs="?", const="1") if str(f.type) == "bool" else {}  # --force alone means --force 1
+        parser.add_argument(flag, dest=f.name, default=None, type=_flag_type(f.name), **switch,
+                            help=f"({'model' if f.name in _MODEL_FIELDS else 'train'}) default from the preset")
+
+
+def _flag_type(name: str):
+    def parse(text: str) -> Any:
+        try:
+            return _read(name, text)
+        except ValueError as e:  # argparse names the flag itself
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name  # argparse's fallback message names the type by this
+    return parse
+
+
+def _parse(name: str, text: str, source: str | None = None) -> Any:
+    """The typed value of field ``name`` from ``text``; ConfigError names ``source`` (a flag or a variable)."""
+    try:
+        return _read(name, text)
+    except ValueError as e:
+        raise ConfigError(f"{source or setting_name(name)}: {e}") from None
+
+
+def _read(name: str, text: str) -> Any:
+    """The typed value of field ``name`` from ``text``; ValueError saying what was expected."""
+    f = _MODEL_FIELDS.get(name) or _TRAIN_FIELDS[name]
+    t = str(f.type)
+    try:
+        if t == "bool":
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if t.startswith("tuple"):
+            parts = [p for p in text.replace(",", " ").split() if p]
+            return tuple(int(p) if "int" in t else float(p) for p in parts)
+        if t == "int":
+            return int(float(text)) if float(text).is_integer() else int(text)
+        if t == "float":
+            return float(text)
+        return text
+    except ValueError:
+        kind = {"bool": "a boolean (1/0, true/false, on/off)", "int": "an integer", "float": "a number"}.get(
+            t, "numbers separated by commas" if t.startswith("tuple") else t)
+        raise ValueError(f"cannot read {text!r} as {kind}") from None
+
+
+def _check_type(name: str, t: str, v: Any) -> None:
+    ok = {"bool": isinstance(v, bool), "str": isinstance(v, str),
+          "int": isinstance(v, int) and not isinstance(v, bool),
+          "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}.get(t)
+    if t.startswith("tuple"):
+        item = int if "int" in t else (int, float)
+        ok = isinstance(v, (tuple, list)) and all(isinstance(x, item) and not isinstance(x, bool) for x in v)
+        if ok and t == "tuple[float, float]" and len(v) != 2:
+            raise ConfigError(f"{setting_name(name)} takes two numbers (e.g. 0.9,0.95), got {len(v)}: "
+                              f"{','.join(map(str, v))}")
+    if not ok:
+        raise ConfigError(f"{setting_name(name)}: {v!r} is not a valid {t}" + (" (finite)" if t == "float" else ""))
+
+
+def _check_rule(name: str, v: Any) -> None:
+    if name in LOWER_BOUNDS and v < LOWER_BOUNDS[name]:
+        raise ConfigError(f"{setting_name(name)} must be >= {LOWER_BOUNDS[name]}, got {v}")
+    if name in POSITIVE and not v > 0:
+        raise ConfigError(f"{setting_name(name)} must be positive, got {v}")
+    if name in UNIT_RANGES:
+        lo, hi, closed = UNIT_RANGES[name]
+        if not (lo <= v <= hi if closed else lo <= v < hi):
+            raise ConfigError(f"{setting_name(name)} must be in [{lo:g}, {hi:g}{']' if closed else ')'}, got {v}")
+    if name in BIT_WIDTHS and not BIT_WIDTHS[name][0] <= v <= BIT_WIDTHS[name][1]:
+        raise ConfigError(f"{setting_name(name)} must be a bit width in {BIT_WIDTHS[name][0]}..{BIT_WIDTHS[name][1]}, "
+                          f"got {v}")
+    if name in CHOICES and v not in CHOICES[name]:
+        raise ConfigError(_one_of(name, v, CHOICES[name]))
+    if name == "betas" and not all(0 <= b < 1 for b in v):
+        raise ConfigError(f"{setting_name(name)} must be two numbers in [0, 1), got {list(v)}")
+    if name in ("run_id", "artifact_name") and (os.sep in v or v in (".", "..")):
+        raise ConfigError(f"{setting_name(name)} must be a plain name without '{os.sep}', got {v!r}")
+    if name == "artifact_name" and not v:
+        raise ConfigError(f"{setting_name(name)} must not be empty")
+
+
+def _one_of(name: str, v: Any, allowed) -> str:
+    return f"{setting_name(name)} must be one of {', '.join(map(str, allowed))}; got {v!r}"
+
+
+def _check_batch_split(cfg: TrainConfig, world_size: int) -> None:
+    grad_accum = cfg.grad_accum(world_size)
+    local = cfg.train_batch_tokens // (world_size * grad_accum)
+    uneven = cfg.train_batch_tokens % (world_size * grad_accum) or (
+        cfg.loader != "packed" and local % cfg.train_seq_len)  # only packed batches may hold a partial row
+    if local < cfg.train_seq_len or uneven:
+        raise ConfigError(f"{setting_name('train_batch_tokens')} {cfg.train_batch_tokens} must split evenly into "
+                          f"{world_size} ranks x {grad_accum} micro-batches of at least "
+                          f"{setting_name('train_seq_len')} {cfg.train_seq_len} tokens"
+                          + ("" if cfg.loader == "packed" else " (whole sequences for this loader)"))
+
+
+def _preset(name: str):
+    try:
+        return get_preset(name)
+    except ValueError as e:
+        raise ConfigError(f"--preset (PRESET): {e}") from None
+
+
+def _mlp_mult(env: Mapping[str, str]) -> float | None:
+    text = env.get("MLP_MULT", "")
+    if not text:
+        return None
+    try:
+        mult = float(text)
+    except ValueError:
+        raise ConfigError(f"MLP_MULT: cannot read {text!r} as a number (the MLP hidden size is MLP_MULT x "
+                          f"MODEL_DIM)") from None
+    if not (math.isfinite(mult) and mult > 0):
+        raise ConfigError(f"MLP_MULT must be a positive number, got {text!r}")
+    return mult
+
+
+def _model_config(base: GPTConfig, model_values: dict[str, Any]) -> GPTConfig:
+    try:
+        return base.replace(**model_values)
+    except ValueError as e:
+        named = ", ".join(setting_name(n) for n in sorted(model_values)) or "the preset"
+        raise ConfigError(f"{e} (model settings given: {named})") from None
 
 
 def _rope_follows_train_seq_len(preset_model: GPTConfig, train: TrainConfig, model_values: dict[str, Any],
@@ -165,37 +425,10 @@ def _rope_follows_train_seq_len(preset_model: GPTConfig, train: TrainConfig, mod
     if "rope_train_seq_len" not in model_values and preset_model.rope_train_seq_len:
         model_values["rope_train_seq_len"] = train.train_seq_len
     ignored = env.get("ROPE_TRAIN_SEQ_LEN", "")
-    if ignored and int(float(ignored)) != train.train_seq_len:
-        raise ValueError(f"ROPE_TRAIN_SEQ_LEN={ignored} is read but never used by the record scripts (their RoPE "
-                         f"scaling length is TRAIN_SEQ_LEN) and pgolf ignores it too; unset it, or use "
-                         f"--rope-train-seq-len for pgolf's own scaling length")
+    if ignored and _parse("rope_train_seq_len", ignored, source="ROPE_TRAIN_SEQ_LEN") != train.train_seq_len:
+        raise ConfigError(f"ROPE_TRAIN_SEQ_LEN={ignored} is read but never used by the record scripts (their RoPE "
+                          f"scaling length is TRAIN_SEQ_LEN) and pgolf ignores it too; unset it, or use "
+                          f"--rope-train-seq-len for pgolf's own scaling length")
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per TrainConfig and GPTConfig field (default None = not given)."""
-    for f in list(fields(TrainConfig)) + list(fields(GPTConfig)):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, dest=f.name, default=None, type=lambda s, n=f.name: _parse(n, s),
-                            help=f"({'model' if f.name in _MODEL_FIELDS else 'train'}) default from the preset")
-
-
-def _parse(name: str, text: str) -> Any:
-    f = _MODEL_FIELDS.get(name) or _TRAIN_FIELDS[name]
-    t = str(f.type)
-    try:
-        if "bool" in t:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if "tuple" in t:
-            parts = [p for p in text.replace(",", " ").split() if p]
-            return tuple(int(p) if "int" in t else float(p) for p in parts)
-        if t.startswith("int") or t == "<class 'int'>":
-            return int(float(text)) if float(text).is_integer() else int(text)
-        if t.startswith("float") or t == "<class 'float'>":
-            return float(text)
-        return text
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as the value of {name} ({t})") from None
+_ENV_OF = {name: var for var, name in ENV_NAMES.items()}
