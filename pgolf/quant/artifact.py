@@ -12,7 +12,9 @@ Byte layout (all integers little-endian)::
     56      H     brotli-compressed UTF-8 JSON header
     56+H    P     payload: the compressed streams back to back, in the header's order
 
-The header holds the model config, the layout, per-tensor entries (name, shape, dtype, scheme, group, stream, bits,
+The header holds the model config, the fingerprint of the tokenizer the model was trained with (``tokenizer``:
+SHA-256 of its model file and its vocab size; :func:`check_tokenizer` refuses scoring with another one), the
+layout, per-tensor entries (name, shape, dtype, scheme, group, stream, bits,
 k, method, LQER rank) and the streams (name, compressed and raw length). Each stream is one brotli-11 block
 (window 2^24) holding the values of the tensors assigned to it (R6-style per-role groups: ``tok_emb``,
 ``attn.c_q``, ..., ``mlp.proj``, ``gate``, ``other``, ``lqer``, ``fp16``), in header order: first every integer
@@ -41,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pgolf.errors import ConfigError, InputError, MismatchError, MissingInputError
+
 MAGIC = b"PGOLFART"
 FORMAT_VERSION = 1
 PREFIX = struct.Struct("<8sHHIQ32s")
@@ -53,7 +57,7 @@ _FP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": to
               "float64": torch.float64}
 
 
-class ArtifactError(ValueError):
+class ArtifactError(InputError):
     """The file is not a usable pgolf artifact; the message names the problem."""
 
 
@@ -107,6 +111,7 @@ class QuantizedModel:
     tensors: list[QTensor]
     layout: str = "int8"
     meta: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] | None = None  # the training tokenizer's fingerprint (Tokenizer.fingerprint())
 
     def __getitem__(self, name: str) -> QTensor:
         for t in self.tensors:
@@ -251,6 +256,8 @@ def encode(qm: QuantizedModel, *, layout: str | None = None, quality: int = BROT
               "layout": {"values": layout, "order": "row" if layout == "packed6" else "col", "fp16": "planes",
                          "codec": "brotli"}, "meta": qm.meta,
               "tensors": [_tensor_entry(qt) for qt in qm.tensors], "streams": streams}
+    if qm.tokenizer is not None:
+        header["tokenizer"] = dict(qm.tokenizer)
     header_c = brotli.compress(json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8"),
                                quality=quality)
     body = header_c + b"".join(payload)
@@ -344,7 +351,8 @@ def decode(blob: bytes, *, source: str = "artifact") -> QuantizedModel:
         raise CorruptedArtifactError(f"{source}: inconsistent header or payload ({type(e).__name__}: {e})") from None
     for qt in tensors:
         _check_tensor(qt)
-    return QuantizedModel(header["model"], tensors, layout=layout, meta=header.get("meta", {}))
+    return QuantizedModel(header["model"], tensors, layout=layout, meta=header.get("meta", {}),
+                          tokenizer=header.get("tokenizer"))
 
 
 def _entry_tensor(e: Mapping[str, Any]) -> QTensor:
@@ -398,7 +406,37 @@ def save_artifact(path: str | os.PathLike, qm: QuantizedModel, *, layout: str | 
 
 def load_artifact(path: str | os.PathLike) -> QuantizedModel:
     """Read and check an artifact file (see :func:`decode`)."""
-    return decode(Path(path).read_bytes(), source=str(path))
+    return decode(read_artifact_bytes(path), source=str(path))
+
+
+def read_artifact_bytes(path: str | os.PathLike) -> bytes:
+    """The file's bytes; a missing path or a folder is a named error, not an OSError."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"artifact {p} is a folder; pass the artifact file inside it (e.g. {p / 'final_model.pgq'})")
+    if not p.is_file():
+        raise MissingInputError(f"artifact {p} does not exist; pass the .pgq file a run or python -m pgolf.quant "
+                                f"wrote")
+    return p.read_bytes()
+
+
+def check_tokenizer(qm: QuantizedModel, tokenizer, *, source: str) -> str | None:
+    """Refuse (MismatchError) a tokenizer other than the one ``qm`` was trained with; returns a warning when the
+    artifact predates fingerprints and cannot be checked, else None. ``tokenizer``: a :class:`Tokenizer`."""
+    tokenizer.check_vocab(int(qm.config["vocab_size"]))
+    if qm.tokenizer is None:
+        return (f"{source} records no tokenizer fingerprint (written before pgolf recorded one): cannot check that "
+                f"{tokenizer.path} is the tokenizer it was trained with")
+    tokenizer.check_fingerprint(qm.tokenizer, source=source)
+    return None
+
+
+def check_model_config(qm: QuantizedModel, expected: Mapping[str, Any], *, source: str, against: str) -> None:
+    """MismatchError unless the artifact's model config equals ``expected`` (e.g. a run summary's)."""
+    if dict(qm.config) != dict(expected):
+        diff = sorted(k for k in set(qm.config) | set(expected) if qm.config.get(k) != expected.get(k))
+        raise MismatchError(f"{source} holds a model config that differs from {against} in {', '.join(diff[:6])}; "
+                            f"it is not this run's artifact")
 
 
 def dequantize_tensor(qt: QTensor) -> Tensor:
@@ -453,7 +491,7 @@ def swap_int6_linears(model: torch.nn.Module, qm: QuantizedModel, *, device: str
     except ModuleNotFoundError as e:
         if e.name not in ("pgolf.kernels.int6_matmul", "triton"):
             raise
-        raise RuntimeError("--int6-matmul needs pgolf.kernels.int6_matmul (class Int6Linear), which is not "
+        raise ConfigError("--int6-matmul needs pgolf.kernels.int6_matmul (class Int6Linear), which is not "
                            f"available here ({e.name} is missing); evaluate without --int6-matmul") from None
     n = 0
     for qt in qm.tensors:
@@ -474,5 +512,6 @@ def swap_int6_linears(model: torch.nn.Module, qm: QuantizedModel, *, device: str
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "PREFIX_BYTES", "LAYOUTS", "ArtifactError", "NotAnArtifactError",
            "ArtifactVersionError", "TruncatedArtifactError", "CorruptedArtifactError", "QTensor", "QuantizedModel",
-           "encode", "decode", "read_header", "save_artifact", "load_artifact", "dequantize_tensor",
-           "dequantize_state", "build_model", "swap_int6_linears"]
+           "encode", "decode", "read_header", "save_artifact", "load_artifact", "read_artifact_bytes",
+           "check_tokenizer", "check_model_config", "dequantize_tensor", "dequantize_state", "build_model",
+           "swap_int6_linears"]

@@ -19,6 +19,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from pgolf.errors import UserError
+
 BUDGET_BYTES = 16_000_000
 
 
@@ -105,7 +107,7 @@ def format_size_table(rows: list[SizeRow], code_bytes: int | None = None, budget
     return "\n".join(lines)
 
 
-class OverBudgetError(ValueError):
+class OverBudgetError(UserError, ValueError):
     """The artifact plus code exceed the 16,000,000-byte limit; the message says by how much and what to change."""
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pgolf.errors import ConfigError
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant import artifact as A
@@ -218,5 +219,5 @@ def test_int6_matmul_swap_matches_the_dequantized_model(quantized, tmp_path):
 def test_int6_matmul_without_the_kernel_module_is_a_clear_error(quantized, monkeypatch):
     _, _, qm = quantized
     monkeypatch.setitem(sys.modules, "pgolf.kernels.int6_matmul", None)
-    with pytest.raises(RuntimeError, match="needs pgolf.kernels.int6_matmul"):
+    with pytest.raises(ConfigError, match="needs pgolf.kernels.int6_matmul"):
         A.build_model(qm, int6_matmul=True)
