@@ -17,7 +17,7 @@ Design:
 
       import brotli as B,base64 as b
       exec(B.decompress(b.b85decode("...")))
-      main('sota',{...the run's differences from its preset...},__file__)
+      raise SystemExit(main('sota',{...the run's differences from its preset...},__file__))
 
   Its size in bytes is the counted code size (``bytes_code``).
 
@@ -39,7 +39,7 @@ from typing import Any, Mapping
 ENTRY = "pgolf.quant.runner"
 # packing and benchmarking tools: never needed by a training run (pgolf.bench is imported only by kernel tuning)
 EXCLUDE = frozenset({"pgolf.quant.bundle", "pgolf.quant.pack", "pgolf.quant.cli", "pgolf.bench"})
-RUNTIME_FIELDS = frozenset({"data_path", "tokenizer_path", "run_dir", "run_id", "code_bytes"})
+RUNTIME_FIELDS = frozenset({"data_path", "tokenizer_path", "run_dir", "run_id", "code_bytes", "force"})
 DATA_GLOBS = ("**/tuned/*.json",)
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the pgolf package
 
@@ -250,8 +250,9 @@ def wrap(prog: str, config_line: str, codec: str | None = "brotli") -> str:
 
 
 def config_line(train: Mapping[str, Any], model: Mapping[str, Any]) -> str:
+    """The wrapper's last line: run the packed configuration; its status is the program's exit status."""
     preset, over = run_overrides(train, model)
-    return f"main({preset!r},{json.dumps(over, separators=(',', ':'), sort_keys=True)},__file__)"
+    return f"raise SystemExit(main({preset!r},{json.dumps(over, separators=(',', ':'), sort_keys=True)},__file__))"
 
 
 def build_train_gpt(train: Mapping[str, Any], model: Mapping[str, Any], *, minified: bool = True,

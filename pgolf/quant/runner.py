@@ -10,21 +10,21 @@ The counted code size is the size of ``script`` (the wrapped file itself).
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Mapping
 
 
 def submission_config(preset: str, overrides: Mapping[str, Any], env: Mapping[str, str]):
-    """(TrainConfig, GPTConfig): preset < overrides < environment variables."""
+    """(TrainConfig, GPTConfig): preset < overrides < environment variables (named in any error)."""
     from pgolf.model.presets import get_preset
-    from pgolf.train.config import ENV_NAMES, _parse, resolve
+    from pgolf.train.config import ENV_NAMES, _mlp_mult, _parse, resolve
 
     flags = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     for var, name in ENV_NAMES.items():
         if env.get(var, "") != "":
-            flags[name] = _parse(name, env[var])
-    if env.get("MLP_MULT"):
-        flags["mlp_hidden"] = int(float(env["MLP_MULT"]) * flags.get("model_dim", get_preset(preset).model.model_dim))
+            flags[name] = _parse(name, env[var], source=var)
+    mult = _mlp_mult(env)
+    if mult is not None:
+        flags["mlp_hidden"] = int(mult * flags.get("model_dim", get_preset(preset).model.model_dim))
     if env.get("RUN_DIR"):
         flags["run_dir"] = env["RUN_DIR"]
     return resolve(preset, env={}, flags=flags)
@@ -32,9 +32,15 @@ def submission_config(preset: str, overrides: Mapping[str, Any], env: Mapping[st
 
 def main(preset: str, overrides: Mapping[str, Any], script: str | None = None, code_bytes: int = 0) -> int:
     """Train, quantize and evaluate the packed run; ``code_bytes`` (or else the size of ``script``) is counted."""
+    from pgolf.errors import run_cli
+
+    return run_cli("train_gpt.py", lambda: _run(preset, overrides, script, code_bytes))
+
+
+def _run(preset: str, overrides: Mapping[str, Any], script: str | None, code_bytes: int) -> int:
     from dataclasses import replace
 
-    from pgolf.train.trainer import TrainingDiverged, train
+    from pgolf.train.trainer import train
 
     cfg, model_cfg = submission_config(preset, overrides, os.environ)
     if not cfg.code_bytes:
@@ -42,11 +48,7 @@ def main(preset: str, overrides: Mapping[str, Any], script: str | None = None, c
             cfg = replace(cfg, code_bytes=int(code_bytes))
         elif script and os.path.isfile(script):
             cfg = replace(cfg, code_bytes=os.path.getsize(script))
-    try:
-        s = train(cfg, model_cfg)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
-        print(f"train_gpt.py: error: {e}", file=sys.stderr)
-        return 1
+    s = train(cfg, model_cfg)
     art = s.get("artifact") or {}
     if art:
         print(f"val_bpb:{art['val_bpb']:.8f} pre_quant_val_bpb:{s['val_bpb']:.8f} steps:{s['steps']} "

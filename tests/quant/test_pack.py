@@ -98,6 +98,22 @@ def test_bundle_holds_the_runtime_modules_and_the_run_differences():
     assert ns["f"](1) == 2
 
 
+def test_quantization_does_not_import_the_evaluation_package():
+    """The compliance guard sits below both packages: pgolf.quant's modules never import pgolf.eval (only the command
+    line tool quant/cli.py scores its artifact with it), so a packed train_gpt.py carries no ledger."""
+    import ast
+
+    for path in sorted((REPO / "pgolf" / "quant").glob("*.py")):
+        if path.name == "cli.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not any(n == "pgolf.eval" or n.startswith("pgolf.eval.") for n in names), path.name
+    mods = bundle.module_closure()
+    assert "pgolf.compliance_guard" in mods and "pgolf.eval.ledger" not in mods
+
+
 @pytest.mark.slow
 def test_bundled_triton_kernels_keep_their_source_for_triton_jit(tmp_path):
     """triton.jit reads a kernel's source with inspect: the bundle registers every module in linecache."""

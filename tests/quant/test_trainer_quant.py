@@ -53,10 +53,10 @@ def test_calibration_is_training_time_and_an_overrun_or_oversize_is_loud(tmp_pat
     assert on_disk["artifact"]["headroom"] < 0 and (tmp_path / "error" / "final_model.pgq").is_file()
 
 
-@pytest.mark.parametrize("bad,words", [(dict(quant_method="int4"), "quant_method"),
-                                       (dict(artifact_layout="int4"), "artifact_layout"),
-                                       (dict(quant_mlp_bits=9), "mlp bit width"),
-                                       (dict(quant_attn_k=0.0), "attn SDClip k")])
+@pytest.mark.parametrize("bad,words", [(dict(quant_method="int4"), "--quant-method"),
+                                       (dict(artifact_layout="int4"), "--artifact-layout"),
+                                       (dict(quant_mlp_bits=9), "--quant-mlp-bits .* bit width"),
+                                       (dict(quant_attn_k=0.0), "--quant-attn-k .* positive")])
 def test_bad_quant_settings_fail_before_training(tmp_path, bad, words):
     logs: list[str] = []
     with pytest.raises(ValueError, match=words):

@@ -127,9 +127,9 @@ def test_bad_inputs_give_clear_errors(corpus, tmp_path):
         run(corpus, tmp_path / "r2", vocab_size=1024)
     with pytest.raises(ValueError, match="no tokenizer"):
         run(corpus, tmp_path / "r3", tokenizer_path="")
-    with pytest.raises(ValueError, match="train_batch_tokens"):
+    with pytest.raises(ValueError, match="train-batch-tokens"):
         run(corpus, tmp_path / "r4", train_batch_tokens=1000, loader="sequential")
-    with pytest.raises(ValueError, match="train_batch_tokens"):
+    with pytest.raises(ValueError, match="train-batch-tokens"):
         run(corpus, tmp_path / "r5", train_batch_tokens=64)
 
 
