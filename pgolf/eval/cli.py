@@ -16,17 +16,27 @@ report; the exit status is 3 when the report does not pass.
 ``--int6-matmul`` swaps the int6 Linear layers for ``pgolf.kernels.int6_matmul.Int6Linear`` (weights stay int6 in
 memory; the product runs through the kernel dispatch). The window length and stride default to the values the
 training run stored in the artifact (else 2048 and 64).
+
+Everything is checked before any scoring: every flag (a zero or negative window, stride, batch or token cap, a
+``--ttt-set`` key or value of the wrong type, ``--stride`` or ``--ttt-budget`` where they would be ignored), the
+inputs (the artifact's format and checksum, the validation shards against the vocab) and the tokenizer against the
+fingerprint the artifact records: a different tokenizer, even with the same vocab size, is refused by name.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pgolf.errors import ConfigError, InputError, MissingInputError, run_cli
+
+PROG = "pgolf.eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,13 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with fineweb_val_*.bin shards")
     p.add_argument("--tokenizer", required=True, help="SentencePiece model (byte tables for val_bpb)")
     p.add_argument("--sliding", action="store_true", help="also run the sliding-window eval")
-    p.add_argument("--stride", type=int, default=None, help="sliding stride (default: the run's, else 64)")
-    p.add_argument("--seq-len", type=int, default=None, help="eval window (default: the run's, else 2048)")
-    p.add_argument("--batch-seqs", type=int, default=32)
-    p.add_argument("--val-max-tokens", type=int, default=0, help="cap the validation tokens (0 = all)")
+    p.add_argument("--stride", type=_at_least(1), default=None, help="sliding stride (default: the run's, else 64)")
+    p.add_argument("--seq-len", type=_at_least(1), default=None, help="eval window (default: the run's, else 2048)")
+    p.add_argument("--batch-seqs", type=_at_least(1), default=32)
+    p.add_argument("--val-max-tokens", type=_at_least(0), default=0, help="cap the validation tokens (0 = all)")
     p.add_argument("--int6-matmul", action="store_true", help="run int6 layers through Int6Linear")
     p.add_argument("--doc-isolated", action="store_true", help="attention never crosses a BOS inside a window")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--ttt", choices=("chunk", "lora", "phased"), help="legal score-first test-time training, then "
                    "the compliance report")
     p.add_argument("--ttt-set", action="append", default=[], metavar="KEY=VALUE",
@@ -54,42 +64,134 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(PROG, lambda: _score(args))
+
+
+def _score(args: argparse.Namespace) -> int:
+    from pgolf.compliance_guard import ComplianceViolation
+
+    t_start = time.perf_counter()
+    overrides = _check_flags(args)
+    opened = open_artifact(args.artifact, args.data, args.tokenizer, stride=args.stride, seq_len=args.seq_len,
+                           batch_seqs=args.batch_seqs, val_max_tokens=args.val_max_tokens, device=args.device)
+    if args.sliding or args.ttt:
+        check_stride(opened)
+    if args.ttt:
+        ttt_settings(opened, overrides)  # checked before any scoring
+        read_summary(args.summary or Path(args.artifact).with_name("summary.json"), required=bool(args.summary))
+    r = score_artifact(opened, sliding=args.sliding, batch_seqs=args.batch_seqs, int6_matmul=args.int6_matmul,
+                       doc_isolated=args.doc_isolated)
+    print(f"artifact:{args.artifact} bytes:{os.path.getsize(args.artifact)} tensors:{len(r['qm'].tensors)} "
+          f"layout:{r['qm'].layout}{' int6_matmul:on' if args.int6_matmul else ''}")
+    for line in result_lines(r):
+        print(line)
+    if not args.ttt:
+        return 0
+    try:
+        res, report = ttt_with_report(r, args.ttt, args.artifact, t_start, overrides=overrides,
+                                      budget=args.ttt_budget, summary=args.summary)
+    except ComplianceViolation as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"final_ttt_{args.ttt} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
+          f"eval_time:{res.seconds * 1000:.0f}ms")
+    print(f"final_ttt_{args.ttt}_exact val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
+    print(report.render())
+    return 0 if report.ok else 3
+
+
+def _check_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The TTT overrides; ConfigError for flags that would be ignored or that conflict."""
+    if args.stride is not None and not (args.sliding or args.ttt):
+        raise ConfigError("--stride only applies to --sliding and --ttt scoring; add one of them or drop --stride")
+    if (args.ttt_set or args.ttt_budget) and not args.ttt:
+        raise ConfigError("--ttt-set / --ttt-budget only apply with --ttt chunk|lora|phased")
+    if args.ttt_budget and args.ttt != "chunk":
+        raise ConfigError(f"--ttt-budget sizes the chunk mode only; --ttt {args.ttt} would ignore it")
+    if args.ttt_budget < 0:
+        raise ConfigError(f"--ttt-budget must be >= 0 seconds, got {args.ttt_budget}")
+    return parse_sets(args.ttt_set)
+
+
+def open_artifact(artifact: str, data: str, tokenizer: str, *, stride: int | None = None,
+                  seq_len: int | None = None, batch_seqs: int = 32, val_max_tokens: int = 0,
+                  device: str = "auto") -> dict[str, Any]:
+    """Check every setting and input and read them: {'qm', 'val' (N+1,), 'tables', 'seq_len', 'stride', 'device'}.
+
+    The artifact is read and verified, the tokenizer checked against its fingerprint and vocab, the validation
+    tokens against the vocab. Nothing is scored here.
+    """
+    from pgolf.data.shards import find_shards, load_validation_tokens
+    from pgolf.data.tokenizer import Tokenizer
+    from pgolf.quant.artifact import check_tokenizer, load_artifact
+
+    for flag, v, low in (("--stride", stride, 1), ("--seq-len", seq_len, 1), ("--batch-seqs", batch_seqs, 1),
+                         ("--val-max-tokens", val_max_tokens, 0)):
+        if v is not None and v < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {v}")
+    dev = _device(device)
+    t0 = time.perf_counter()  # deserialization: read, verify, decompress, then (score_artifact) rebuild the model
+    qm = load_artifact(artifact)
+    seq_len = seq_len if seq_len is not None else int(qm.meta.get("eval_seq_len") or 2048)
+    stride = stride if stride is not None else int(qm.meta.get("eval_stride") or 64)
+    if 0 < val_max_tokens < seq_len:
+        raise ConfigError(f"--val-max-tokens {val_max_tokens} is less than one window (--seq-len {seq_len}); use 0 "
+                          f"(all) or at least {seq_len}")
+    tok = Tokenizer(tokenizer)
+    warning = check_tokenizer(qm, tok, source=f"artifact {artifact}")
+    if warning:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    vocab = int(qm.config["vocab_size"])
+    val = load_validation_tokens(find_shards(data, "val"), seq_len, vocab)
+    if val_max_tokens and val.numel() - 1 > val_max_tokens:
+        val = val[: val_max_tokens // seq_len * seq_len + 1]
+    return {"qm": qm, "val": val, "tables": tok.byte_tables(vocab), "seq_len": seq_len, "stride": stride,
+            "device": dev, "t0": t0}
+
+
+def check_stride(opened: dict[str, Any]) -> None:
+    """ConfigError when the stride (given, or the run's) is longer than the window; for sliding and TTT scoring."""
+    if opened["stride"] > opened["seq_len"]:
+        raise ConfigError(f"the stride {opened['stride']} (--stride, else the run's) is longer than the window "
+                          f"{opened['seq_len']} (--seq-len, else the run's); pass a --stride of at most the window")
+
+
+def score_artifact(opened: dict[str, Any], *, sliding: bool = False, batch_seqs: int = 32, int6_matmul: bool = False,
+                   doc_isolated: bool = False) -> dict[str, Any]:
+    """Rebuild the model of :func:`open_artifact`'s result and score it (plain, and sliding-window when asked);
+    returns that dict plus 'plain', 'sliding' (EvalResult or None), 'model' and 'load_s'."""
+    import torch
+
+    from pgolf.eval import evaluate, evaluate_sliding
+    from pgolf.quant.artifact import build_model
+
+    if sliding:
+        check_stride(opened)
+    r, dev = dict(opened), opened["device"]
+    model = build_model(r["qm"], device=dev, int6_matmul=int6_matmul)
+    load_s = time.perf_counter() - r.pop("t0")
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    plain = evaluate(model, r["val"], r["tables"], seq_len=r["seq_len"], batch_seqs=batch_seqs,
+                     doc_isolated=doc_isolated, autocast_dtype=amp)
+    slide = None
+    if sliding:
+        slide = evaluate_sliding(model, r["val"], r["tables"], window=r["seq_len"], stride=r["stride"],
+                                 batch_windows=batch_seqs, doc_isolated=doc_isolated, autocast_dtype=amp)
+    r.update(plain=plain, sliding=slide, model=model, load_s=load_s)
+    return r
+
+
 def evaluate_artifact(artifact: str, data: str, tokenizer: str, *, sliding: bool = False, stride: int | None = None,
                       seq_len: int | None = None, batch_seqs: int = 32, val_max_tokens: int = 0,
                       int6_matmul: bool = False, device: str = "auto", doc_isolated: bool = False) -> dict[str, Any]:
-    """{'plain': EvalResult, 'sliding': EvalResult | None, 'model': the rebuilt model, 'qm': QuantizedModel}."""
-    import torch
-
-    from pgolf.data.shards import find_shards, load_validation_tokens
-    from pgolf.data.tokenizer import Tokenizer
-    from pgolf.eval import evaluate, evaluate_sliding
-    from pgolf.quant.artifact import build_model, load_artifact
-
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    t0 = time.perf_counter()  # deserialization: read, verify, decompress, then rebuild the model
-    qm = load_artifact(artifact)
-    seq_len = seq_len or int(qm.meta.get("eval_seq_len") or 2048)
-    stride = stride or int(qm.meta.get("eval_stride") or 64)
-    vocab = int(qm.config["vocab_size"])
-    tok = Tokenizer(tokenizer)
-    tok.check_vocab(vocab)
-    tables = tok.byte_tables(vocab)
-    val = load_validation_tokens(find_shards(data, "val"), seq_len, vocab)
-    if val_max_tokens and val.numel() - 1 > val_max_tokens:
-        keep = max(seq_len, val_max_tokens // seq_len * seq_len)
-        val = val[: keep + 1]
-    model = build_model(qm, device=dev, int6_matmul=int6_matmul)
-    load_s = time.perf_counter() - t0
-    amp = torch.bfloat16 if dev.type == "cuda" else None
-    plain = evaluate(model, val, tables, seq_len=seq_len, batch_seqs=batch_seqs, doc_isolated=doc_isolated,
-                     autocast_dtype=amp)
-    slide = None
-    if sliding:
-        slide = evaluate_sliding(model, val, tables, window=seq_len, stride=stride, batch_windows=batch_seqs,
-                                 doc_isolated=doc_isolated, autocast_dtype=amp)
-    return {"plain": plain, "sliding": slide, "model": model, "qm": qm, "val": val, "tables": tables,
-            "seq_len": seq_len, "stride": stride, "load_s": load_s, "device": dev}
+    """{'plain': EvalResult, 'sliding': EvalResult | None, 'model': the rebuilt model, 'qm': QuantizedModel, ...}:
+    :func:`open_artifact` then :func:`score_artifact`."""
+    opened = open_artifact(artifact, data, tokenizer, stride=stride, seq_len=seq_len, batch_seqs=batch_seqs,
+                           val_max_tokens=val_max_tokens, device=device)
+    return score_artifact(opened, sliding=sliding, batch_seqs=batch_seqs, int6_matmul=int6_matmul,
+                          doc_isolated=doc_isolated)
 
 
 def result_lines(r: dict[str, Any]) -> list[str]:
@@ -105,39 +207,6 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from pgolf.quant.artifact import ArtifactError
-
-    t_start = time.perf_counter()
-    try:
-        r = evaluate_artifact(args.artifact, args.data, args.tokenizer, sliding=args.sliding, stride=args.stride,
-                              seq_len=args.seq_len, batch_seqs=args.batch_seqs, val_max_tokens=args.val_max_tokens,
-                              int6_matmul=args.int6_matmul, device=args.device, doc_isolated=args.doc_isolated)
-    except (ArtifactError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"pgolf.eval: error: {e}", file=sys.stderr)
-        return 1
-    print(f"artifact:{args.artifact} bytes:{os.path.getsize(args.artifact)} tensors:{len(r['qm'].tensors)} "
-          f"layout:{r['qm'].layout}{' int6_matmul:on' if args.int6_matmul else ''}")
-    for line in result_lines(r):
-        print(line)
-    if args.ttt:
-        from pgolf.eval import ComplianceViolation
-
-        try:
-            res, report = ttt_with_report(r, args.ttt, args.artifact, t_start, overrides=parse_sets(args.ttt_set),
-                                          budget=args.ttt_budget, summary=args.summary)
-        except (ValueError, ComplianceViolation) as e:
-            print(f"pgolf.eval: error: {e}", file=sys.stderr)
-            return 1
-        print(f"final_ttt_{args.ttt} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
-              f"eval_time:{res.seconds * 1000:.0f}ms")
-        print(f"final_ttt_{args.ttt}_exact val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
-        print(report.render())
-        return 0 if report.ok else 3
-    return 0
-
-
 def ttt_with_report(r: dict[str, Any], mode: str, artifact: str | os.PathLike, t_start: float, *,
                     overrides: dict[str, Any] | None = None, budget: float = 0.0,
                     summary: str | os.PathLike | None = None, log=print):
@@ -148,12 +217,11 @@ def ttt_with_report(r: dict[str, Any], mode: str, artifact: str | os.PathLike, t
     ``t_start`` (taken before deserialization) to the end of TTT. Train time and code bytes come from the run's
     summary.json (default: beside the artifact) when found.
     """
-    from pgolf.eval import ComplianceReport, TTTSettings, measure_rates, plan_ttt, run_ttt
+    from pgolf.eval import ComplianceReport, measure_rates, plan_ttt, run_ttt
 
     model, val = r["model"], r["val"]
-    cuda = r["device"].type == "cuda"
-    settings = TTTSettings.from_dict({"window": r["seq_len"], "stride": r["stride"], "seq_len": r["seq_len"],
-                                      "autocast_dtype": "bf16" if cuda else None, **(overrides or {})})
+    settings = ttt_settings(r, overrides)
+    run = read_summary(summary or Path(artifact).with_name("summary.json"), required=summary is not None)
     rates = measure_rates(model, seq_len=settings.seq_len, batch_seqs=2, vocab_size=int(r["qm"].config["vocab_size"]),
                           autocast_dtype=torch_dtype(settings.autocast_dtype))
     other = r["plain"].seconds + (r["sliding"].seconds if r["sliding"] is not None else 0.0)
@@ -165,7 +233,6 @@ def ttt_with_report(r: dict[str, Any], mode: str, artifact: str | os.PathLike, t
         log(f"ttt_plan: {plan.settings_overrides()} for {budget:.0f}s ({spent:.1f}s already spent)")
     res = run_ttt(model, val, r["tables"], mode=mode, settings=settings, log=log)
     eval_seconds = time.perf_counter() - t_start
-    run = read_summary(summary or Path(artifact).with_name("summary.json"))
     art = run.get("artifact") or {}
     report = ComplianceReport.build(
         res, artifact_bytes=os.path.getsize(artifact), code_bytes=art.get("bytes_code"),
@@ -175,26 +242,74 @@ def ttt_with_report(r: dict[str, Any], mode: str, artifact: str | os.PathLike, t
     return res, report
 
 
+def ttt_settings(r: dict[str, Any], overrides: dict[str, Any] | None = None):
+    """The TTTSettings for an opened artifact (its window and stride) with ``overrides``; ConfigError if invalid."""
+    from pgolf.eval.ttt import TTTSettings
+
+    cuda = r["device"].type == "cuda"
+    try:
+        return TTTSettings.from_dict({"window": r["seq_len"], "stride": r["stride"], "seq_len": r["seq_len"],
+                                      "autocast_dtype": "bf16" if cuda else None, **(overrides or {})})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--ttt-set: {e}") from None
+
+
 def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``["epochs=1", "params=blocks.*"]`` → {'epochs': 1, 'params': 'blocks.*'} (JSON values where they parse)."""
+    """``["epochs=1", "params=blocks.*"]`` → {'epochs': 1, 'params': 'blocks.*'}: each key a TTTSettings field and
+    each value of that field's type (JSON values where they parse); ConfigError names the bad item."""
+    from pgolf.eval.ttt import TTTSettings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TTTSettings)}
     out: dict[str, Any] = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--ttt-set takes KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--ttt-set takes KEY=VALUE, got {item!r}")
+        if key not in defaults:
+            raise ConfigError(f"--ttt-set {item}: unknown TTT settings [{key!r}]; known: {', '.join(sorted(defaults))}")
         try:
-            out[key] = json.loads(value)
+            value = json.loads(text)
         except json.JSONDecodeError:
-            out[key] = value
+            value = text
+        out[key] = _typed(key, value, defaults[key], item)
     return out
 
 
-def read_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """The run's summary.json, or {} when there is none (the report then marks train time 'not measured')."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+def _typed(key: str, value: Any, default: Any, item: str) -> Any:
+    """``value`` checked against the type of the field's default (bool, int, float, tuple of names)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, tuple):
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    else:
+        ok = True  # None-defaulted fields (autocast_dtype, bos_id) are checked by TTTSettings itself
+    if not ok:
+        kind = type(default).__name__ if not isinstance(default, tuple) else "a name or a list of names"
+        raise ConfigError(f"--ttt-set {item}: {key} takes {kind} (default {default!r}), got {value!r}")
+    return value
+
+
+def read_summary(path: str | os.PathLike, *, required: bool = False) -> dict[str, Any]:
+    """The run's summary.json, or {} when there is none and it is not ``required`` (the report then marks train
+    time 'not measured'); named errors for a missing required or an unreadable one."""
+    p = Path(path)
+    if not p.is_file():
+        if required:
+            raise MissingInputError(f"--summary {p} does not exist; pass the run's summary.json or leave it out")
         return {}
+    try:
+        s = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{p} is not valid JSON ({e}); pass a run's summary.json (--summary) or move the corrupt "
+                         f"one away") from None
+    if not isinstance(s, dict):
+        raise InputError(f"{p} is not a run summary (a JSON object)")
+    return s
 
 
 def torch_dtype(name):
@@ -203,4 +318,29 @@ def torch_dtype(name):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name, name)
 
 
-__all__ = ["build_parser", "evaluate_artifact", "result_lines", "main", "ttt_with_report"]
+def _device(name: str):
+    import torch
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"cannot read {text!r} as an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+__all__ = ["build_parser", "open_artifact", "check_stride", "score_artifact", "evaluate_artifact", "result_lines",
+           "main", "ttt_with_report", "ttt_settings", "parse_sets", "read_summary"]

@@ -76,7 +76,7 @@ def test_cli_errors_are_clear_without_traceback(run, tmp_path):
 def test_missing_int6_kernel_module_is_a_clear_error(run, monkeypatch, capsys):
     run_dir, _ = run
     monkeypatch.setitem(sys.modules, "pgolf.kernels.int6_matmul", None)
-    assert main(_args(run_dir, "--int6-matmul")) == 1
+    assert main(_args(run_dir, "--int6-matmul")) == 2
     assert "needs pgolf.kernels.int6_matmul" in capsys.readouterr().err
 
 
@@ -102,5 +102,5 @@ def test_cli_ttt_prints_a_passing_report_whose_numbers_match_the_run(run, capsys
 
 def test_cli_ttt_rejects_a_bad_setting(run, capsys):
     run_dir, _ = run
-    assert main(_args(run_dir, "--ttt", "chunk", "--ttt-set", "no_such_knob=1")) == 1
+    assert main(_args(run_dir, "--ttt", "chunk", "--ttt-set", "no_such_knob=1")) == 2
     assert "unknown TTT settings" in capsys.readouterr().err
