@@ -12,14 +12,21 @@ Every metric with a direction is compared: ``lower``-is-better metrics regress w
 the threshold, ``higher``-is-better ones when ``(base − new)/base`` does. The threshold is the metric's own
 ``threshold`` if it has one, else ``--threshold`` (default 0.05). Metrics present on one side only are listed
 (``missing`` / ``new``) and do not fail the check unless ``--strict``; informational metrics (no direction) are
-never compared. Exit status: 1 when something regressed, 0 otherwise — including when there is no comparable
-base (a CPU CI machine has no GPU history), which is said plainly.
+never compared. Exit status: 1 when something regressed; 2 when there is nothing valid to compare although the user
+asked for something (:func:`check_history`: a ``--history`` file that does not exist, a history whose lines are all
+unreadable, a newest line that is truncated, so the newest run would be lost and the wrong pair judged, or a
+``--base`` revision no comparable run has); 0 otherwise, including when the history simply has no comparable base
+yet (a CPU CI machine has no GPU history), which is said plainly. The output names the two records compared, with
+their history line numbers.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from pgolf.bench.history import comparable
@@ -44,12 +51,15 @@ class CheckResult:
     base: dict[str, Any] | None
     rows: list[Row]
     message: str
+    error: str | None = None  # nothing valid to compare although something was asked for (exit 2)
 
     @property
     def regressions(self) -> list[Row]:
         return [r for r in self.rows if r.status == "regressed"]
 
     def exit_code(self, strict: bool = False) -> int:
+        if self.error:
+            return 2
         if self.regressions:
             return 1
         if strict and any(r.status == "missing" for r in self.rows):
@@ -148,9 +158,73 @@ def _val(m: dict[str, Any] | None) -> float | None:
 
 def check(records: list[dict[str, Any]], device_kind: str, *, base_rev: str | None = None, threshold: float = 0.05,
           suite: str | None = None) -> CheckResult:
+    """Select the newest run and its base and compare them; a ``base_rev`` without a comparable run is an error."""
     newest, base, msg = select_runs(records, device_kind, base_rev, suite)
     rows = compare(newest, base, threshold) if newest is not None and base is not None else []
-    return CheckResult(newest, base, rows, msg)
+    error = f"--base {base_rev}: {msg}" if base_rev and base is None else None
+    return CheckResult(newest, base, rows, msg, error)
+
+
+def check_history(path: str | os.PathLike, device_kind: str, *, explicit: bool = True, base_rev: str | None = None,
+                  threshold: float = 0.05, suite: str | None = None) -> CheckResult:
+    """:func:`check` on the history file ``path``, refusing (``error``) a history it cannot trust: a missing file
+    named by the user (``explicit``), lines none of which is a record, or an unreadable newest line."""
+    p = Path(path)
+    if not p.is_file():
+        if explicit:
+            return CheckResult(None, None, [], "", f"--history {p} does not exist (check the path)")
+        return check([], device_kind, base_rev=base_rev, threshold=threshold, suite=suite)
+    records, bad, last = _read_lines(p)
+    if bad and not records:
+        return CheckResult(None, None, [], "", f"{p}: none of its {len(bad)} non-empty lines is a benchmark record "
+                                               f"(lines {', '.join(map(str, bad[:5]))}...): nothing valid to compare")
+    if bad and bad[-1] == last:
+        return CheckResult(None, None, [], "", f"{p}:{last}: the newest line is not a complete benchmark record "
+                                               f"(truncated?); the newest run would be lost and the wrong pair "
+                                               f"compared. Repair or remove that line")
+    res = check(records, device_kind, base_rev=base_rev, threshold=threshold, suite=suite)
+    if bad:
+        res.message += f" ({len(bad)} unreadable line(s) skipped: {', '.join(map(str, bad[:5]))})"
+    return res
+
+
+def run_check(history: str | None, device_kind: str, *, base_rev: str | None = None, threshold: float = 0.05,
+              suite: str | None = None, strict: bool = False, show_all: bool = False) -> int:
+    """``pgolf-bench check``: print what was compared (or why nothing could be) and return the exit status."""
+    import sys
+
+    from pgolf.bench.history import default_history_path
+
+    path = Path(history) if history else default_history_path()
+    res = check_history(path, device_kind, explicit=bool(history), base_rev=base_rev, threshold=threshold,
+                        suite=suite)
+    if res.error:
+        print(f"pgolf-bench check: error: {res.error}", file=sys.stderr)
+        return res.exit_code(strict)
+    print(f"history: {path}; device kind: {device_kind}; threshold {threshold:.0%}")
+    print(format_result(res, show_all=show_all))
+    if res.base is None:
+        print("check: nothing to compare, exit 0")
+    return res.exit_code(strict)
+
+
+def _read_lines(path: Path) -> tuple[list[dict[str, Any]], list[int], int]:
+    """(records with their ``_line``, numbers of the unreadable non-empty lines, number of the last non-empty)."""
+    records, bad, last = [], [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            last = n
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if isinstance(rec, dict) and isinstance(rec.get("metrics"), dict):
+                records.append(dict(rec, _line=n))
+            else:
+                bad.append(n)
+    return records, bad, last
 
 
 def _fmt(v: float | None) -> str:
@@ -186,7 +260,8 @@ def format_result(res: CheckResult, *, show_all: bool = False) -> str:
 
 def _describe(r: dict[str, Any]) -> str:
     dirty = " (dirty tree)" if r.get("dirty") else ""
-    return (f"{r.get('suite')}{' smoke' if r.get('smoke') else ''} @ {r.get('commit_short') or r.get('commit')}{dirty} "
+    where = f"history line {r['_line']}: " if r.get("_line") else ""
+    return (f"{where}{r.get('suite')}{' smoke' if r.get('smoke') else ''} @ {r.get('commit_short') or r.get('commit')}{dirty} "
             f"{r.get('date')} on {r.get('gpu_name') or r.get('device_kind')} (torch {r.get('torch')}, "
             f"triton {r.get('triton')})")
 

@@ -98,9 +98,9 @@ def test_base_rev_selects_that_commit(tmp_path):
     res = check(runs, "nvidia-h200", base_rev="aaaaaaa1")
     assert res.base is runs[0] and res.rows[0].status == "ok"
     assert check(runs, "nvidia-h200", base_rev=runs[0]["commit"]).base is runs[0]
-    # an unknown revision: no comparable base, exit 0 with a clear message
+    # an unknown revision: nothing compared, which is an error (exit 2) naming the revision
     res = check(runs, "nvidia-h200", base_rev="0123456789")
-    assert res.base is None and res.exit_code() == 0 and "has commit 0123456789" in res.message
+    assert res.base is None and res.exit_code() == 2 and "has commit 0123456789" in res.error
     # the newest run is never its own base
     assert check(runs, "nvidia-h200", base_rev="ccccccc3").base is None
 
@@ -114,7 +114,8 @@ def test_newest_is_by_date_not_file_order():
 
 def test_cli_check_exit_codes(tmp_path, capsys):
     h = tmp_path / "history.jsonl"
-    assert main(["check", "--history", str(h)]) == 0     # no history at all (CPU CI)
+    h.write_text("")
+    assert main(["check", "--history", str(h)]) == 0     # no history yet (CPU CI: the repository's file is empty)
     assert "nothing to compare" in capsys.readouterr().out
     append_record(h, rec("aaaaaaa1", "2026-11-01T00:00:00Z", {MS: (100.0, "lower")}, kind="cpu"))
     append_record(h, rec("bbbbbbb2", "2026-11-02T00:00:00Z", {MS: (130.0, "lower")}, kind="cpu"))
