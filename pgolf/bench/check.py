@@ -238,6 +238,9 @@ def _fmt(v: float | None) -> str:
 
 
 def format_result(res: CheckResult, *, show_all: bool = False) -> str:
+    """The two records compared (with their history lines), then one row per metric and the verdict."""
+    if res.error:
+        return f"ERROR: {res.error} (exit 2)"
     lines = [res.message]
     if res.newest is None or res.base is None:
         if res.newest is not None:

@@ -195,6 +195,7 @@ def evaluate_artifact(artifact: str, data: str, tokenizer: str, *, sliding: bool
 
 
 def result_lines(r: dict[str, Any]) -> list[str]:
+    """The challenge's ``final_quant_roundtrip`` (and ``final_quant_sliding_window``) lines of a scored result."""
     p = r["plain"]
     out = [f"final_quant_roundtrip val_loss:{p.val_loss:.4f} val_bpb:{p.val_bpb:.4f} "
            f"eval_time:{p.seconds * 1000:.0f}ms",
