@@ -38,7 +38,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         os.replace(tmp, path)
     except OSError as e:
         _unlink(tmp)
-        if e.filename is None:  # a failed write() names no file: say which output it was
+        if e.filename is None and e.errno is not None:  # a failed write() names no file: name the output
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     except BaseException:
@@ -117,7 +117,7 @@ def staged_dir(target: str | os.PathLike, *, force: bool, what: str = "output fo
         _swap_in(tmp, target)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename is None:  # a failed write() names no file: say which output it was
+        if e.filename is None and e.errno is not None:  # a failed write() names no file: name the output
             raise OSError(e.errno, e.strerror, str(target)) from None
         raise
     except BaseException:
