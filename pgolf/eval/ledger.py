@@ -42,70 +42,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# the guard, the provenance flag and the violation live below both pgolf.quant and pgolf.eval (re-exported here)
+from pgolf.compliance_guard import (ComplianceViolation, ValidationTokens, _guard, active_ledger,  # noqa: F401
+                                    assert_not_validation, is_validation, mark_validation, set_active_ledger,
+                                    strip_validation)
+
 UNSET = -1
-
-
-class ComplianceViolation(RuntimeError):
-    """A validation token was used illegally. Attributes name what, where and when.
-
-    kind: 'adapt_before_score' | 'rescore' | 'val_in_<context>' | 'bad_range' | 'unscored_at_end' | ...
-    position: target index t (token ``t + 1``), or the token position for provenance checks; None if unknown.
-    step: event id / step number at which it happened (None if unknown). label: the step's description.
-    """
-
-    def __init__(self, kind: str, message: str, *, position: int | None = None, step: int | None = None,
-                 label: str | None = None):
-        self.kind, self.position, self.step, self.label = kind, position, step, label
-        where = []
-        if position is not None:
-            where.append(f"position {position}")
-        if step is not None:
-            where.append(f"step {step}")
-        if label:
-            where.append(f"({label})")
-        super().__init__(f"[{kind}] {message}" + (f" — at {' '.join(where)}" if where else ""))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# provenance flag
-
-
-class ValidationTokens(Tensor):
-    """A tensor subclass marking validation data. Ops on it (slicing, indexing, ``clone``, ``to``, ``cat`` with
-    other tensors, reshapes) return ``ValidationTokens`` too, so the flag follows the data into derived batches.
-
-    Scoring code calls :func:`strip_validation` once at its entry (the one place validation tokens are allowed)
-    so model compute runs on plain tensors.
-    """
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        return super().__torch_function__(func, types, args, kwargs or {})
-
-
-def mark_validation(tokens: Tensor) -> ValidationTokens:
-    """The same data flagged as validation tokens (no copy)."""
-    return torch.as_tensor(tokens).as_subclass(ValidationTokens)
-
-
-def is_validation(t: Any) -> bool:
-    """True for a tensor carrying the validation flag (or a list/tuple/dict containing one)."""
-    if isinstance(t, ValidationTokens):
-        return True
-    if isinstance(t, (list, tuple)):
-        return any(is_validation(x) for x in t)
-    if isinstance(t, dict):
-        return any(is_validation(x) for x in t.values())
-    for attr in ("x", "y", "input_ids", "tokens"):  # batch objects (e.g. PackedBatch)
-        v = getattr(t, attr, None)
-        if isinstance(v, Tensor) and isinstance(v, ValidationTokens):
-            return True
-    return False
-
-
-def strip_validation(t: Tensor) -> Tensor:
-    """A plain ``torch.Tensor`` view of ``t`` (drops the flag; no copy)."""
-    return t.as_subclass(Tensor) if isinstance(t, ValidationTokens) else t
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -508,71 +450,6 @@ def _allreduce_np(arr: np.ndarray, op) -> np.ndarray:
         return g.cpu().numpy()
     dist.all_reduce(t, op=op)
     return t.numpy()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# module-level guard: callable from code paths that do not hold a ledger (trainer warm-up, GPTQ calibration)
-
-_ACTIVE: list[Ledger] = []
-
-
-def set_active_ledger(ledger: Ledger | None) -> None:
-    """Make ``ledger`` the one :func:`assert_not_validation` consults for a content fingerprint (None clears)."""
-    _ACTIVE.clear()
-    if ledger is not None:
-        _ACTIVE.append(ledger)
-
-
-def active_ledger() -> Ledger | None:
-    return _ACTIVE[0] if _ACTIVE else None
-
-
-def assert_not_validation(batch: Any = None, *, context: str, step: int | None = None,
-                          positions: Sequence[int] | np.ndarray | Tensor | None = None) -> None:
-    """Raise :class:`ComplianceViolation` if validation tokens reach ``context``.
-
-    Call it on every batch of a compile warm-up, a GPTQ calibration pass, a training step or a TTT timing run:
-    ``assert_not_validation(x, context="gptq_calibration", step=i)``. It raises when ``positions`` (validation
-    token positions the caller is about to use) is non-empty, when ``batch`` carries the
-    :class:`ValidationTokens` flag, or when the active ledger has a fingerprint and ``batch`` contains a verbatim
-    run of ``k`` validation tokens (default 64).
-    """
-    led = active_ledger()
-    if led is not None:
-        led.guard(batch, context=context, step=step, positions=positions)
-    else:
-        _guard(batch, context=context, step=step, positions=positions, fingerprint=None)
-
-
-def _guard(batch: Any, *, context: str, step: int | None, positions, fingerprint: Fingerprint | None) -> None:
-    kind = f"val_in_{context}"
-    if positions is not None:
-        pos = np.asarray(positions.cpu() if isinstance(positions, Tensor) else positions).reshape(-1)
-        if pos.size:
-            raise ComplianceViolation(kind, f"validation token position {int(pos[0])} ({pos.size} positions) would "
-                                      f"reach {context}", position=int(pos[0]), step=step, label=context)
-    if batch is None:
-        return
-    if is_validation(batch):
-        where = None
-        if fingerprint is not None and isinstance(batch, Tensor):
-            hit = fingerprint.find(strip_validation(batch).detach().cpu().numpy())
-            where = hit[1] if hit else None
-        raise ComplianceViolation(kind, f"a tensor derived from the validation tokens (provenance flag) reached "
-                                  f"{context}" + ("" if where is not None else "; position unknown"),
-                                  position=where, step=step, label=context)
-    if fingerprint is not None:
-        tensors = [batch] if isinstance(batch, (Tensor, np.ndarray)) else \
-            [v for v in (batch if isinstance(batch, (list, tuple)) else []) if isinstance(v, (Tensor, np.ndarray))]
-        for t in tensors:
-            arr = t.detach().cpu().numpy() if isinstance(t, Tensor) else t
-            if not np.issubdtype(arr.dtype, np.integer) or arr.shape[-1] < fingerprint.k:
-                continue
-            hit = fingerprint.find(arr)
-            if hit is not None:
-                raise ComplianceViolation(kind, f"the batch holds a verbatim run of {fingerprint.k} validation tokens "
-                                          f"(batch offset {hit[0]}) in {context}", position=hit[1], step=step,
-                                          label=context)
 
 
 def bench_ledger(n_targets: int = 40_540_160, chunk: int = 32_768, window: int = 2048, stride: int = 64,
