@@ -238,20 +238,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from pgolf.bench.check import check, format_result
+    from pgolf.bench.check import run_check
     from pgolf.bench.env import device_kind
-    from pgolf.bench.history import default_history_path, read_history
 
-    path = Path(args.history) if args.history else default_history_path()
-    kind = args.device_kind or device_kind()
-    records = read_history(path)
-    res = check(records, kind, base_rev=args.base, threshold=args.threshold, suite=args.suite)
-    print(f"history: {path} ({len(records)} records); device kind: {kind}; threshold {args.threshold:.0%}")
-    print(format_result(res, show_all=args.all))
-    code = res.exit_code(strict=args.strict)
-    if res.base is None:
-        print("check: nothing to compare, exit 0")
-    return code
+    return run_check(args.history, args.device_kind or device_kind(), base_rev=args.base, threshold=args.threshold,
+                     suite=args.suite, strict=args.strict, show_all=args.all)
 
 
 def cmd_gpu_check(args) -> int:
