@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sliding", action="store_true", help="also run the sliding-window eval")
     p.add_argument("--stride", type=_at_least(1), default=None, help="sliding stride (default: the run's, else 64)")
     p.add_argument("--seq-len", type=_at_least(1), default=None, help="eval window (default: the run's, else 2048)")
-    p.add_argument("--batch-seqs", type=_at_least(1), default=32)
+    p.add_argument("--batch-seqs", type=_at_least(1, also=("auto",)), default=32,
+                   help="windows per forward (default 32); 'auto': the largest batch that fits in GPU memory")
+    p.add_argument("--cuda-graphs", action="store_true", help="compile the scoring forward and replay it as CUDA "
+                   "graphs (CUDA only); the compile and capture run on random tokens outside the timed region")
     p.add_argument("--val-max-tokens", type=_at_least(0), default=0, help="cap the validation tokens (0 = all)")
     p.add_argument("--int6-matmul", action="store_true", help="run int6 layers through Int6Linear")
     p.add_argument("--doc-isolated", action="store_true", help="attention never crosses a BOS inside a window")
@@ -82,7 +85,7 @@ def _score(args: argparse.Namespace) -> int:
         ttt_settings(opened, overrides)  # checked before any scoring
         read_summary(args.summary or Path(args.artifact).with_name("summary.json"), required=bool(args.summary))
     r = score_artifact(opened, sliding=args.sliding, batch_seqs=args.batch_seqs, int6_matmul=args.int6_matmul,
-                       doc_isolated=args.doc_isolated)
+                       doc_isolated=args.doc_isolated, cuda_graphs=args.cuda_graphs)
     print(f"artifact:{args.artifact} bytes:{os.path.getsize(args.artifact)} tensors:{len(r['qm'].tensors)} "
           f"layout:{r['qm'].layout}{' int6_matmul:on' if args.int6_matmul else ''}")
     for line in result_lines(r):
@@ -112,11 +115,18 @@ def _check_flags(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--ttt-budget sizes the chunk mode only; --ttt {args.ttt} would ignore it")
     if args.ttt_budget < 0:
         raise ConfigError(f"--ttt-budget must be >= 0 seconds, got {args.ttt_budget}")
+    if args.cuda_graphs and args.device == "cpu":
+        raise ConfigError("--cuda-graphs replays CUDA graphs: drop it with --device cpu")
+    if args.cuda_graphs:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--cuda-graphs needs a CUDA GPU and none is available here; drop --cuda-graphs")
     return parse_sets(args.ttt_set)
 
 
 def open_artifact(artifact: str, data: str, tokenizer: str, *, stride: int | None = None,
-                  seq_len: int | None = None, batch_seqs: int = 32, val_max_tokens: int = 0,
+                  seq_len: int | None = None, batch_seqs: int | str = 32, val_max_tokens: int = 0,
                   device: str = "auto") -> dict[str, Any]:
     """Check every setting and input and read them: {'qm', 'val' (N+1,), 'tables', 'seq_len', 'stride', 'device'}.
 
@@ -127,7 +137,8 @@ def open_artifact(artifact: str, data: str, tokenizer: str, *, stride: int | Non
     from pgolf.data.tokenizer import Tokenizer
     from pgolf.quant.artifact import check_tokenizer, load_artifact
 
-    for flag, v, low in (("--stride", stride, 1), ("--seq-len", seq_len, 1), ("--batch-seqs", batch_seqs, 1),
+    for flag, v, low in (("--stride", stride, 1), ("--seq-len", seq_len, 1),
+                         ("--batch-seqs", None if batch_seqs == "auto" else batch_seqs, 1),
                          ("--val-max-tokens", val_max_tokens, 0)):
         if v is not None and v < low:
             raise ConfigError(f"{flag} must be >= {low}, got {v}")
@@ -158,10 +169,12 @@ def check_stride(opened: dict[str, Any]) -> None:
                           f"{opened['seq_len']} (--seq-len, else the run's); pass a --stride of at most the window")
 
 
-def score_artifact(opened: dict[str, Any], *, sliding: bool = False, batch_seqs: int = 32, int6_matmul: bool = False,
-                   doc_isolated: bool = False) -> dict[str, Any]:
+def score_artifact(opened: dict[str, Any], *, sliding: bool = False, batch_seqs: int | str = 32,
+                   int6_matmul: bool = False, doc_isolated: bool = False, cuda_graphs: bool = False) -> dict[str, Any]:
     """Rebuild the model of :func:`open_artifact`'s result and score it (plain, and sliding-window when asked);
-    returns that dict plus 'plain', 'sliding' (EvalResult or None), 'model' and 'load_s'."""
+    returns that dict plus 'plain', 'sliding' (EvalResult or None), 'model' and 'load_s'. ``batch_seqs='auto'``:
+    the largest batch that fits (sliding; plain eval takes 32 then); ``cuda_graphs``: the scorer compiled and replayed
+    as CUDA graphs, warmed up on random tokens before each eval's clock (``EvalResult.warmup_s``)."""
     import torch
 
     from pgolf.eval import evaluate, evaluate_sliding
@@ -173,12 +186,14 @@ def score_artifact(opened: dict[str, Any], *, sliding: bool = False, batch_seqs:
     model = build_model(r["qm"], device=dev, int6_matmul=int6_matmul)
     load_s = time.perf_counter() - r.pop("t0")
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    plain = evaluate(model, r["val"], r["tables"], seq_len=r["seq_len"], batch_seqs=batch_seqs,
-                     doc_isolated=doc_isolated, autocast_dtype=amp)
+    plain = evaluate(model, r["val"], r["tables"], seq_len=r["seq_len"],
+                     batch_seqs=32 if batch_seqs == "auto" else batch_seqs, doc_isolated=doc_isolated,
+                     autocast_dtype=amp, cuda_graphs=cuda_graphs)
     slide = None
     if sliding:
         slide = evaluate_sliding(model, r["val"], r["tables"], window=r["seq_len"], stride=r["stride"],
-                                 batch_windows=batch_seqs, doc_isolated=doc_isolated, autocast_dtype=amp)
+                                 batch_windows=batch_seqs, doc_isolated=doc_isolated, autocast_dtype=amp,
+                                 cuda_graphs=cuda_graphs)
     r.update(plain=plain, sliding=slide, model=model, load_s=load_s)
     return r
 
@@ -233,13 +248,17 @@ def ttt_with_report(r: dict[str, Any], mode: str, artifact: str | os.PathLike, t
         settings = settings.replace(**plan.settings_overrides())
         log(f"ttt_plan: {plan.settings_overrides()} for {budget:.0f}s ({spent:.1f}s already spent)")
     res = run_ttt(model, val, r["tables"], mode=mode, settings=settings, log=log)
-    eval_seconds = time.perf_counter() - t_start
+    # compile/timing warm-ups ran on random tokens; like the records, they are outside the timed region
+    warmups = rates.seconds + sum(e.warmup_s for e in (r["plain"], r["sliding"]) if e is not None) \
+        + float(res.timings.get("warmup_s", 0.0))
+    eval_seconds = time.perf_counter() - t_start - warmups
     art = run.get("artifact") or {}
     report = ComplianceReport.build(
         res, artifact_bytes=os.path.getsize(artifact), code_bytes=art.get("bytes_code"),
         train_seconds=run["train_time_ms"] / 1000 if "train_time_ms" in run else None,
         gptq_seconds=run.get("calibration_s"), gptq_in_train=True, deserialize_seconds=r["load_s"],
-        warmup_seconds=rates.seconds, other_eval_seconds=other, eval_seconds=eval_seconds, warmup_on_synthetic=True)
+        warmup_seconds=warmups, other_eval_seconds=other, eval_seconds=eval_seconds, warmup_on_synthetic=True,
+        warmup_outside_timer=True)
     return res, report
 
 
@@ -329,17 +348,20 @@ def _device(name: str):
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def _at_least(low: int):
-    def parse(text: str) -> int:
+def _at_least(low: int, also: tuple[str, ...] = ()):
+    def parse(text: str) -> int | str:
+        if text in also:
+            return text
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"cannot read {text!r} as an integer") from None
+            raise argparse.ArgumentTypeError(f"cannot read {text!r} as an integer"
+                                             + "".join(f" or {a!r}" for a in also)) from None
         if v < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
         return v
 
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"integer >= {low}" + "".join(f" or {a!r}" for a in also)
     return parse
 
 

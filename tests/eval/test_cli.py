@@ -104,3 +104,16 @@ def test_cli_ttt_rejects_a_bad_setting(run, capsys):
     run_dir, _ = run
     assert main(_args(run_dir, "--ttt", "chunk", "--ttt-set", "no_such_knob=1")) == 2
     assert "unknown TTT settings" in capsys.readouterr().err
+
+
+def test_auto_batch_and_cuda_graph_flags(run, capsys):
+    run_dir, s = run
+    assert main(_args(run_dir, "--sliding", "--batch-seqs", "auto")) == 0  # CPU: the default batch
+    assert SLIDING.search(capsys.readouterr().out).group(2) == f"{s['artifact']['sliding']['val_bpb']:.8f}"
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        main(_args(run_dir, "--batch-seqs", "many"))
+    assert e.value.code == 2 and "--batch-seqs: cannot read 'many' as an integer or 'auto'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(_args(run_dir, "--sliding", "--cuda-graphs")) == 2
+        err = capsys.readouterr().err
+        assert "--cuda-graphs needs a CUDA GPU" in err and "Traceback" not in err

@@ -126,3 +126,18 @@ def test_probes_catch_unnormalized_and_noncausal_scorers(run):
                                  probes={"normalization": dict(gold, finite=True), "causality": peek})
     assert bad.conditions["normalized_distribution"]["status"] == "FAIL"
     assert bad.conditions["causality"]["status"] == "FAIL"
+
+
+def test_warmups_outside_the_timer_are_stated_not_counted(run):
+    """Compile warm-ups on random tokens run before the timed region, as in the records: the report shows them and
+    says so, and the eval time leaves them out."""
+    _, _, res = run
+    rep = ComplianceReport.build(res, deserialize_seconds=2.0, warmup_seconds=40.0, warmup_on_synthetic=True,
+                                 warmup_outside_timer=True)
+    b = rep.to_dict()["budgets"]["eval_seconds"]
+    assert b["value"] == pytest.approx(2.0 + res.seconds) and b["warmup_outside_seconds"] == 40.0
+    assert "warmup_seconds" not in b and "random tokens" in b["warmup_note"]
+    text = rep.render()
+    assert "warm-up 40.0s not counted" in text and "outside their eval timers" in text
+    inside = ComplianceReport.build(res, deserialize_seconds=2.0, warmup_seconds=40.0, warmup_on_synthetic=True)
+    assert inside.to_dict()["budgets"]["eval_seconds"]["value"] == pytest.approx(42.0 + res.seconds)
