@@ -51,6 +51,7 @@ from pgolf.eval.ledger import ComplianceViolation, Ledger, LedgerSummary, set_ac
 from pgolf.eval.sliding import _plan_tensors
 
 MODES = ("chunk", "lora", "phased")
+OPTIMIZERS = ("sgd", "adamw", "muon")
 LORA_SITES = ("q", "k", "v", "o", "mlp", "head")
 
 
@@ -68,7 +69,17 @@ class TTTSettings:
     chunk_tokens: int = 32_768
     epochs: int = 3
     lr: float = 0.005
+    optimizer: str = "sgd"  # 'sgd' (momentum) | 'adamw' (#490) | 'muon' (#1148: NS-orthogonalized grads, no momentum)
     momentum: float = 0.9
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    ns_steps: int = 3  # muon: Newton-Schulz steps (classic coefficients)
+    lr_floor: float = 0.0  # cosine over chunks floored at this fraction of lr (#490's root script: 0.1)
+    block_lr: tuple[float, float] | None = None  # (first, last) LR multipliers over blocks, e.g. #1406's (0.3, 1.0)
+    entropy_epochs: bool = False  # #1148: epochs ± 1 from the chunk's mean NLL of its scored tokens
+    entropy_high: float = 2.1  # nats: above, epochs + 1
+    entropy_low: float = 1.75  # nats: below, max(epochs − 1, 1)
+    entropy_guard_s: float = 0.0  # after this many seconds of TTT no extra epoch (#1148: 0.85 × 570); 0 = off
     grad_clip: float = 1.0
     seq_len: int = 2048
     micro_batch_seqs: int = 0  # sequences per forward when training (0: all of a rank's share at once)
@@ -115,6 +126,9 @@ class TTTSettings:
         for k in ("params", "lora_sites"):
             if k in d and d[k] is not None:
                 d[k] = (d[k],) if isinstance(d[k], str) else tuple(d[k])
+        for k in ("adam_betas", "block_lr"):
+            if k in d and d[k] is not None:
+                d[k] = tuple(float(v) for v in d[k])
         s = cls(**d)
         s.validate()
         return s
@@ -134,6 +148,16 @@ class TTTSettings:
                             f"sequence (use epochs=0 for no training)")
         if self.phase_chunk_tokens < self.phase_seq_len:
             problems.append(f"phase_chunk_tokens {self.phase_chunk_tokens} < phase_seq_len {self.phase_seq_len}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} not in {OPTIMIZERS}")
+        if not 0.0 <= self.lr_floor <= 1.0:
+            problems.append(f"lr_floor must be in [0, 1], got {self.lr_floor}")
+        if self.block_lr is not None and (len(self.block_lr) != 2 or min(self.block_lr) < 0):
+            problems.append(f"block_lr must be two multipliers >= 0 (first block, last block), got {self.block_lr}")
+        if self.entropy_low > self.entropy_high:
+            problems.append(f"entropy_low {self.entropy_low} > entropy_high {self.entropy_high}")
+        if self.ns_steps < 1:
+            problems.append("ns_steps must be >= 1")
         bad_sites = sorted(set(self.lora_sites) - set(LORA_SITES))
         if bad_sites:
             problems.append(f"lora_sites {bad_sites} not in {LORA_SITES}")
@@ -270,11 +294,60 @@ def _compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return torch.compile(fn, dynamic=False, fullgraph=True, backend=scoring.COMPILE_BACKEND)
 
 
-def cosine_lr(lr0: float, c: int, n_chunks: int) -> float:
-    """lr_c = lr0 · ½(1 + cos(π c / (C − 1))) (lr0 when C == 1)."""
+def cosine_lr(lr0: float, c: int, n_chunks: int, floor: float = 0.0) -> float:
+    """lr_c = lr0 · max(½(1 + cos(π c / (C − 1))), floor) (lr0 when C == 1)."""
     if n_chunks <= 1:
         return lr0
-    return lr0 * 0.5 * (1.0 + math.cos(math.pi * c / (n_chunks - 1)))
+    return lr0 * max(0.5 * (1.0 + math.cos(math.pi * c / (n_chunks - 1))), floor)
+
+
+def make_optimizer(model: nn.Module, named: Sequence[tuple[str, nn.Parameter]], s: "TTTSettings"
+                   ) -> torch.optim.Optimizer:
+    """The chunk-mode optimizer over ``named`` parameters: SGD with momentum, AdamW, or Muon-NS; with ``block_lr``
+    one parameter group per block (every parameter of block i scaled by first + (last − first)·i/(n − 1)), else one
+    group. Each group's ``lr_scale`` multiplies the step's learning rate."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    n_blocks = len(getattr(model, "blocks", ()))
+    for name, p in named:
+        groups.setdefault(_block_scale(name, n_blocks, s.block_lr), []).append(p)
+    param_groups = [{"params": ps, "lr_scale": k} for k, ps in groups.items()]
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay)
+    if s.optimizer == "muon":
+        return MuonNS(param_groups, lr=s.lr, steps=s.ns_steps)
+    return torch.optim.SGD(param_groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+def _block_scale(name: str, n_blocks: int, block_lr: tuple[float, float] | None) -> float:
+    """LR multiplier of parameter ``name``: its block's place between block_lr's ends, 1.0 outside blocks."""
+    if block_lr is None or not name.startswith("blocks.") or n_blocks < 1:
+        return 1.0
+    i = int(name.split(".")[1])
+    first, last = block_lr
+    return first + (last - first) * (i / (n_blocks - 1) if n_blocks > 1 else 1.0)
+
+
+class MuonNS(torch.optim.Optimizer):
+    """#1148's TTT update: each matrix gradient orthogonalized by ``steps`` Newton-Schulz steps (classic
+    coefficients, Frobenius-normalized, through :func:`pgolf.kernels.newton_schulz`), vectors raw; ``p −= lr·g``.
+    No momentum, no weight decay, no shape scale."""
+
+    def __init__(self, params, lr: float, steps: int = 3):
+        super().__init__(params, dict(lr=lr, steps=steps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from pgolf import kernels
+        from pgolf.train.muon import CLASSIC_COEFFS
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.ndim >= 2:
+                    g = kernels.newton_schulz(g.reshape(g.shape[0], -1), CLASSIC_COEFFS, group["steps"]).view_as(p)
+                p.add_(g.to(p.dtype), alpha=-group["lr"])
 
 
 def _sgd_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, tokens: Tensor,
@@ -287,7 +360,7 @@ def _sgd_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Opt
     loss_fn = loss_fn or model.loss
     device = tokens.device
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     opt.zero_grad(set_to_none=True)
     n = len(seq_starts)
     loss_sum = 0.0
@@ -351,13 +424,16 @@ class ChunkTTT:
         named = select_params(model, settings.params)
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.opt = torch.optim.SGD(self.params, lr=settings.lr, momentum=settings.momentum)  # shared across chunks
+        self.opt = make_optimizer(model, named, settings)  # one optimizer for the whole pass, as the records
         self.loss_fn = _compiled(model.loss) if settings.compile else model.loss
         self.sums = [torch.zeros((), dtype=torch.float64, device=self.device),
                      torch.zeros((), dtype=torch.int64, device=self.device),
                      torch.zeros((), dtype=torch.int64, device=self.device)]
         self.timings = {"score_s": 0.0, "adapt_s": 0.0}
         self.steps = 0
+        self.chunk_sums = (torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64))
+        self.epoch_plan: list[int] = []  # epochs trained per chunk (entropy-adaptive or fixed)
+        self.t_run = time.perf_counter()
 
     def warmup(self) -> float:
         """Compile the adaptation step on random tokens (forward + backward, no optimizer step, gradients dropped);
@@ -403,6 +479,10 @@ class ChunkTTT:
             self.sums[0] += nll
             self.sums[1] += nbytes
             self.sums[2] += cnt
+            self.chunk_sums = (nll.detach(), cnt.detach())
+        else:
+            self.chunk_sums = (torch.zeros((), dtype=torch.float64, device=self.device),
+                               torch.zeros((), dtype=torch.int64, device=self.device))
         if self.world_size > 1 and w1 > w0:
             self.ledger.sync(*self.chunk_targets(c))
         self.timings["score_s"] += time.perf_counter() - t0
@@ -414,12 +494,33 @@ class ChunkTTT:
         c0, c1 = c * S, min((c + 1) * S, self.N)
         return [c0 + j * L for j in range(max(0, c1 - c0) // L)]
 
+    def chunk_epochs(self, c: int) -> int:
+        """Epochs for chunk ``c``: ``epochs``, or with ``entropy_epochs`` one more when the chunk's mean NLL (of its
+        scored targets, all ranks) is above ``entropy_high`` and one fewer (at least 1) below ``entropy_low``;
+        past ``entropy_guard_s`` of TTT never more than ``epochs``. The ledger checks the chunk was scored first."""
+        s = self.s
+        if not s.entropy_epochs:
+            return s.epochs
+        lo, hi = self.chunk_targets(c)
+        if hi > lo:
+            self.ledger.assert_scored(lo, hi, label=f"entropy_epochs:chunk={c}")
+        sums = torch.stack([self.chunk_sums[0].to(torch.float64), self.chunk_sums[1].to(torch.float64)])
+        if self.world_size > 1:  # the same decision on every rank
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        nll, n = sums.tolist()
+        mean = nll / n if n else 0.0
+        epochs = s.epochs + 1 if mean > s.entropy_high else max(s.epochs - 1, 1) if mean < s.entropy_low else s.epochs
+        if s.entropy_guard_s and time.perf_counter() - self.t_run > s.entropy_guard_s:
+            epochs = min(epochs, s.epochs)
+        return epochs
+
     def train_chunk(self, c: int, *, epochs: int | None = None) -> None:
         t0 = time.perf_counter()
         s = self.s
         seqs = self.chunk_sequences(c)
-        epochs = s.epochs if epochs is None else epochs
-        lr = cosine_lr(s.lr, c, self.n_chunks)
+        epochs = self.chunk_epochs(c) if epochs is None else epochs
+        self.epoch_plan.append(epochs)
+        lr = cosine_lr(s.lr, c, self.n_chunks, s.lr_floor)
         if not seqs or epochs <= 0:
             return
         lo, hi = _rank_slice(len(seqs), self.rank, self.world_size)
@@ -427,7 +528,7 @@ class ChunkTTT:
         ranges = [(seqs[0], seqs[-1] + s.seq_len)]  # every rank's update reads every rank's sequences
         with _TrainableOnly(self.model, self.params):
             for e in range(epochs):
-                self.ledger.adapt(ranges, label=f"chunk_sgd:chunk={c} epoch={e}", collective=True)
+                self.ledger.adapt(ranges, label=f"chunk_{s.optimizer}:chunk={c} epoch={e}", collective=True)
                 _sgd_step(self.model, self.params, self.opt, self.tokens, mine, s.seq_len, lr=lr, clip=s.grad_clip,
                           world_size=self.world_size, micro=s.micro_batch_seqs, doc_isolated=s.train_doc_isolated,
                           bos_id=self.bos_id, autocast_dtype=self.amp, loss_fn=self.loss_fn)
@@ -437,6 +538,7 @@ class ChunkTTT:
     def run(self, after_first_chunk: Callable[[], None] | None = None) -> None:
         """Score chunk c, then train on it (not the last). ``after_first_chunk`` runs once chunk 0 is scored and
         before any training (the normalization/causality probe of the un-adapted model)."""
+        self.t_run = time.perf_counter()
         for c in range(self.n_chunks):
             self.score_chunk(c)
             if c == 0 and after_first_chunk is not None:
@@ -884,6 +986,8 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
                     doc_nll=doc_nll)
     if mode == "phased":
         res.timings["phases"] = runner.phases_done  # type: ignore[assignment]
+    if mode == "chunk":
+        res.timings["epochs_per_chunk"] = runner.epoch_plan  # type: ignore[assignment]
     log(f"ttt_{mode} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} tokens:{ntok} adapt_steps:{steps} "
         f"eval_time:{seconds * 1000:.0f}ms ledger_overhead:{100 * res.ledger_overhead_fraction:.3f}%")
     log("ttt_timing " + " ".join(f"{k.removesuffix('_s')}:{v * 1000:.0f}ms" for k, v in timings.items()

@@ -521,3 +521,91 @@ def test_compiled_chunk_ttt_matches_and_warms_up_outside_the_clock(drift, monkey
     assert comp.ledger.tokens_scored == comp.tokens  # the warm-up scored nothing and adapted on nothing real
     with pytest.raises(ValueError, match="chunk mode"):
         run_ttt(copy.deepcopy(model), short, TABLES, mode="lora", settings=dict(LORA, compile=True), log=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the founding systems' chunk TTT variants: AdamW (#490), Muon-NS + entropy-adaptive epochs (#1148),
+# discriminative per-block LR (#1406), cosine floor (#490's root script)
+
+VARIANTS = {
+    "adamw": dict(optimizer="adamw", lr=0.01, lr_floor=0.1),
+    "muon": dict(optimizer="muon", lr=0.05, ns_steps=3),
+    "entropy": dict(optimizer="muon", lr=0.05, entropy_epochs=True, entropy_low=0.0, entropy_high=0.0),
+    "block_lr": dict(optimizer="adamw", lr=0.01, block_lr=(0.3, 1.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_chunk_variants_adapt_legally_and_help_on_drift(drift, name):
+    val, model, base = drift
+    res = run_ttt(copy.deepcopy(model), val, TABLES, mode="chunk", settings=dict(CHUNK, probes=False, **VARIANTS[name]),
+                  log=None)
+    assert res.tokens == base.tokens and res.ledger.min_adapt_gap >= 1 and res.ledger.max_times_scored == 1
+    assert res.val_bpb < base.val_bpb - 0.02, f"{name}: TTT {res.val_bpb:.4f} vs none {base.val_bpb:.4f}"
+    kind = VARIANTS[name]["optimizer"]
+    assert res.ledger.adapt_kinds == {f"chunk_{kind}": res.adapt_steps}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_chunk_variants_refuse_to_adapt_on_unscored_tokens(drift, name):
+    val, model, _ = drift
+    s = TTTSettings.from_dict(dict(CHUNK, probes=False, bos_id=BOS, **VARIANTS[name]))
+    r = TrainBeforeScore(copy.deepcopy(model), val, TABLES, s, Ledger(N_VAL), rank=0, world_size=1,
+                         log=lambda msg: None)
+    with pytest.raises(ComplianceViolation) as ei:
+        r.run()
+    assert ei.value.kind == "adapt_before_score" and ei.value.position == 0
+
+
+def test_entropy_epochs_follow_the_scored_chunks_nll(drift):
+    """#1148: +1 epoch above entropy_high, −1 (at least 1) below entropy_low, read from the chunk's scored NLL;
+    deciding before the chunk is scored is a violation."""
+    val, model, _ = drift
+    kw = dict(CHUNK, probes=False, optimizer="muon", lr=0.02, entropy_epochs=True)
+    up = run_ttt(copy.deepcopy(model), val, TABLES, mode="chunk", settings=dict(kw, entropy_low=0.0, entropy_high=0.0),
+                 log=None)
+    down = run_ttt(copy.deepcopy(model), val, TABLES, mode="chunk",
+                   settings=dict(kw, entropy_low=50.0, entropy_high=60.0), log=None)
+    same = run_ttt(copy.deepcopy(model), val, TABLES, mode="chunk",
+                   settings=dict(kw, entropy_low=0.0, entropy_high=60.0), log=None)
+    n = up.n_chunks - 1
+    assert up.timings["epochs_per_chunk"] == [CHUNK["epochs"] + 1] * n and up.adapt_steps == n * 4
+    assert down.timings["epochs_per_chunk"] == [CHUNK["epochs"] - 1] * n
+    assert same.timings["epochs_per_chunk"] == [CHUNK["epochs"]] * n
+    # the decision reads only scored tokens: asking for chunk 1's epochs before it is scored raises
+    s = TTTSettings.from_dict(dict(kw, entropy_low=0.0, entropy_high=0.0, bos_id=BOS))
+    r = ChunkTTT(copy.deepcopy(model), val, TABLES, s, Ledger(N_VAL), rank=0, world_size=1, log=lambda m: None)
+    r.score_chunk(0)
+    with pytest.raises(ComplianceViolation):
+        r.chunk_epochs(1)
+
+
+def test_muon_ns_step_is_the_orthogonalized_gradient():
+    from pgolf.eval.ttt import MuonNS
+    from pgolf.kernels import reference
+    from pgolf.train.muon import CLASSIC_COEFFS
+
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(6, 10)), torch.nn.Parameter(torch.randn(10))
+    w.grad, b.grad = torch.randn(6, 10), torch.randn(10)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    MuonNS([w, b], lr=0.1, steps=3).step()
+    ns = reference.newton_schulz(w.grad, CLASSIC_COEFFS, 3, 1e-7, torch.float32)
+    assert torch.allclose(w.detach(), w0 - 0.1 * ns, atol=1e-6)
+    assert torch.allclose(b.detach(), b0 - 0.1 * b.grad)  # vectors take the raw gradient
+
+
+def test_block_lr_scales_every_parameter_of_a_block(drift):
+    from pgolf.eval.ttt import make_optimizer, select_params
+
+    _, model, _ = drift
+    s = TTTSettings.from_dict(dict(CHUNK, optimizer="adamw", block_lr=(0.3, 1.0)))
+    opt = make_optimizer(model, select_params(model), s)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    n = len(model.blocks)
+    for name, p in model.named_parameters():
+        want = 0.3 + 0.7 * int(name.split(".")[1]) / (n - 1) if name.startswith("blocks.") else 1.0
+        assert scale[id(p)] == pytest.approx(want), name
+    assert cosine_lr(1.0, 7, 8, floor=0.1) == 0.1 and cosine_lr(1.0, 0, 8, floor=0.1) == 1.0
+    with pytest.raises(ValueError, match="optimizer"):
+        TTTSettings.from_dict(dict(optimizer="lion"))
