@@ -166,4 +166,30 @@ def int6_matmul(x: Tensor, q: Tensor, scale: Tensor, *, in_features: int, packed
 
 softcap = reference.softcap
 
+
+# --------------------------------------------------------------------------------------------------------
+# Variants of an op that no Triton kernel implements: the model calls the reference for them through this hook.
+
+REFERENCE_VARIANTS = {("attention", "xsa_diagonal"): "attention_xsa_diagonal"}
+_FALLBACKS_NOTED: set[tuple[str, str, str]] = set()
+
+
+def reference_fallback(op: str, variant: str, device_type: str) -> Callable:
+    """The reference implementation of ``variant`` of ``op`` (see :data:`REFERENCE_VARIANTS`).
+
+    When the dispatch would run Triton for ``op`` on this device it warns once per (op, variant, device) that
+    this variant takes the reference path. Under ``torch.compile`` nothing is checked (no graph break); the model
+    lists such layers in ``GPT.kernel_fallbacks()`` for the trainer's log."""
+    import torch
+
+    key = (op, variant, device_type)
+    if not torch.compiler.is_compiling() and key not in _FALLBACKS_NOTED:
+        _FALLBACKS_NOTED.add(key)
+        if implementation(op, device_type)[0] == "triton":
+            import warnings
+
+            warnings.warn(f"pgolf.kernels: {op} variant {variant!r} has no Triton kernel; its layers run the "
+                          f"PyTorch reference on {device_type}", stacklevel=2)
+    return getattr(reference, REFERENCE_VARIANTS[(op, variant)])
+
 sys.modules[__name__].__class__ = _KernelsPackage

@@ -6,6 +6,8 @@ states its tensor shapes; all are differentiable with plain autograd.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,6 +33,47 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, xsa: bool = False, cu_seqlens:
     if xsa:
         y = xsa_project(y, v)
     return y
+
+
+def attention_xsa_diagonal(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None,
+                           max_seqlen: int | None = None) -> Tensor:
+    """PR #1499's "XSA": causal GQA attention minus each token's own attention-weighted value, y_i − a_ii·v_i.
+
+    a_ii = softmax weight of key i for query i = exp(q_i·k_i/√D − lse_i). This removes the diagonal term of the
+    attention sum; :func:`xsa_project` (the kernels' XSA) removes the component of y_i along v̂_i instead. Shapes,
+    masking and ``cu_seqlens`` as :func:`attention`. Returns (B, T, Hq, D).
+    """
+    B, T, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    kq, vq = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    y = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    self_score = (q.float() * kq.float()).sum(-1) / math.sqrt(D)  # (B, T, Hq)
+    a_ii = torch.exp(self_score - _attention_lse(q.float(), kq.float(), cu_seqlens, max_seqlen))
+    return y - a_ii.to(y.dtype).unsqueeze(-1) * vq
+
+
+def _attention_lse(q: Tensor, k: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Tensor:
+    """log Σ_j exp(q_i·k_j/√D) over the keys query i attends to: (B, T, H). q, k: (B, T, H, D), same H."""
+    B, T, H, D = q.shape
+    if cu_seqlens is None:
+        s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        return s.masked_fill(~causal, float("-inf")).logsumexp(-1).transpose(1, 2)
+    doc, _, lengths = segment_ids(cu_seqlens.to(q.device), T)
+    S = min(int(max_seqlen or int(lengths.max())), T)
+    nb, pad = -(-T // S), -(-T // S) * S - T
+    pos = torch.arange(nb * S, device=q.device)
+    doc = torch.cat((doc, -1 - torch.arange(pad, device=q.device)))  # padding: ids of its own
+    qb = F.pad(q[0], (0, 0, 0, 0, 0, pad)).view(nb, S, H, D)
+    kb = F.pad(k[0], (0, 0, 0, 0, 0, pad)).view(nb, S, H, D)
+    kb = torch.cat((torch.cat((torch.zeros_like(kb[:1]), kb[:-1])), kb), dim=1)  # each block sees the previous
+    dq, gq = doc.view(nb, S), pos.view(nb, S)
+    dk = torch.cat((torch.cat((torch.full_like(dq[:1], -10 ** 9), dq[:-1])), dq), dim=1)
+    gk = torch.cat((gq - S, gq), dim=1)
+    mask = (dq[:, :, None] == dk[:, None, :]) & (gk[:, None, :] <= gq[:, :, None])
+    s = torch.einsum("nshd,nkhd->nhsk", qb, kb) / math.sqrt(D)
+    lse = s.masked_fill(~mask[:, None], float("-inf")).logsumexp(-1)  # (nb, H, S)
+    return lse.transpose(1, 2).reshape(1, nb * S, H)[:, :T]
 
 
 def xsa_project(y: Tensor, v: Tensor) -> Tensor:

@@ -1,13 +1,16 @@
 """The record-stack GPT (reference-stack section 2) in lean PyTorch.
 
 Token ids (B, T) → tied embedding (+ optional BigramHash, SmearGate) → RMSNorm → a U-Net of blocks over a
-virtual layer sequence (depth recurrence reuses physical layers) → RMSNorm → tied head with logit softcap.
-Each block: residual mix with x0, attention (GQA, q/k RMSNorm, partial RoPE, QK-gain, XSA, head gate) and
-a LeakyReLU(0.5)² MLP, sequential, GPT-J parallel or two-lane parallel. The hot ops (attention, MLP, head +
-loss) go through :mod:`pgolf.kernels`, which picks Triton or the PyTorch reference per device.
+virtual layer sequence (depth recurrence reuses physical layers, in place or appended after the last layer) →
+RMSNorm → tied head with logit softcap. Each block: residual mix with x0, attention (GQA, q/k RMSNorm, partial
+RoPE, QK-gain, value residual, XSA, head gate) and a LeakyReLU(0.5)² MLP (optionally with a gain per hidden unit),
+sequential, GPT-J parallel, two-lane parallel or with an isolated MLP lane. The hot ops (attention, MLP, head +
+loss) go through :mod:`pgolf.kernels`, which picks Triton or the PyTorch reference per device; the one variant no
+kernel implements (diagonal XSA) runs the reference and says so once.
 
 Packed batches: ``cu_seqlens`` (B = 1) marks where independent sequences start (documents, or evaluation
-windows laid side by side); attention and every token shift (SmearGate, BigramHash) reset there and at BOS.
+windows laid side by side); attention and every token shift (SmearGate, BigramHash) reset there and at BOS
+(``token_shift='row'``, the 2026-03/04 records: token shifts reset at sequence starts only).
 With ``max_seqlen`` the model also cuts attention every ``max_seqlen`` tokens inside a sequence, as the records'
 loaders split long documents, while the token shifts carry on across those cuts: the previous token still
 belongs to the same document (the 2026-04-27 record masks its shift only at BOS).
@@ -44,13 +47,15 @@ class GPT(nn.Module):
             self.smear_gate = nn.Parameter(torch.zeros(c.smear_width))
             self.smear_lambda = nn.Parameter(torch.zeros(()))
         elif c.smear_gate == "vector":
-            self.smear_gate = nn.Parameter(torch.zeros(c.model_dim))
+            self.smear_gate = nn.Parameter(torch.full((c.model_dim,), float(c.smear_init)))
         self.blocks = nn.ModuleList([Block(c, i) for i in range(c.num_layers)])
         self.skip_weights = nn.Parameter(torch.ones(c.num_skips, c.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(c.num_skips, c.model_dim)) if c.skip_gates else None
         if c.parallel_residual == "two_lane":
             self.lane_resid = nn.Parameter(torch.full((c.num_layers, 2), c.lane_resid_init))
             self.lane_mix = nn.Parameter(torch.ones(c.num_layers, 2, 2))
+        elif c.parallel_residual == "mlp_lane":
+            self.lane_merge = nn.Parameter(torch.tensor(0.5))
         self.looping_active = False
         self._rope_cache: dict = {}
         self.reset_parameters()
@@ -98,7 +103,8 @@ class GPT(nn.Module):
         """The residual stream after the last block (B, T, d), before the final norm."""
         c = self.config
         B, T = input_ids.shape
-        start = segment_starts(input_ids, cu_seqlens, c.bos_id)  # (B, T) bool: no token-shift into these
+        # (B, T) bool: no token shift into these (BOS counts only for token_shift='document')
+        start = segment_starts(input_ids, cu_seqlens, c.bos_id if c.token_shift == "document" else None)
         e = self.tok_emb(input_ids)
         if torch.is_autocast_enabled(e.device.type):
             e = e.to(torch.get_autocast_dtype(e.device.type))
@@ -109,20 +115,22 @@ class GPT(nn.Module):
             e = e + (self.smear_lambda.to(e.dtype) * gate * (~start).to(e.dtype)).unsqueeze(-1) * shift_right(e)
         x = rms_norm(e)
         if c.smear_gate == "vector":
-            g = torch.sigmoid(self.smear_gate.to(x.dtype)) * (~start).to(x.dtype).unsqueeze(-1)
-            x = (1 - g) * x + g * shift_right(x)
+            x = self._smear_vector(x, start)
         x0 = x
         rope = self.rotary(T, x.device, x.dtype)
         ve = self.ve(input_ids).to(x.dtype) if self.ve is not None else None
         if cu_seqlens is not None and max_seqlen is not None:
             cu_seqlens = attention_segments(cu_seqlens, T, max_seqlen)
-        ctx = dict(x0=x0, rope=rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, ve=ve)
+        vres = {} if c.value_residual != "none" else None  # layer 0's v, for every later pass (recurrence too)
+        ctx = dict(x0=x0, rope=rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, ve=ve, vres=vres)
 
         enc, dec = c.layer_plan(self.looping_active)
         skips = []
         for i in enc:
             x = self.blocks[i](x, **ctx)
             skips.append(x)
+        if c.parallel_residual == "mlp_lane":
+            return self._decode_mlp_lane(x, dec, skips, ctx)
         lanes: tuple[Tensor, Tensor] | None = None
         for j, i in enumerate(dec):
             two_lane = c.parallel_residual == "two_lane" and i >= c.parallel_start
@@ -143,6 +151,39 @@ class GPT(nn.Module):
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
         return x
+
+    def _smear_vector(self, x: Tensor, start: Tensor) -> Tensor:
+        """R1's per-channel SmearGate (1 − g)·x + g·x_{t−1}. At a start, 'document' leaves x as it is and 'row'
+        mixes in zeros, (1 − g)·x, as the 2026-03/04 records do. x: (B, T, d); start: (B, T) bool."""
+        g = torch.sigmoid(self.smear_gate.to(x.dtype))
+        keep = (~start).to(x.dtype).unsqueeze(-1)
+        if self.config.token_shift == "row":
+            return (1 - g) * x + g * (shift_right(x) * keep)
+        g = g * keep
+        return (1 - g) * x + g * shift_right(x)
+
+    def _decode_mlp_lane(self, x: Tensor, dec: list[int], skips: list[Tensor], ctx: dict) -> Tensor:
+        """PR #1550's decoder: from the first layer >= parallel_start the stream splits into an attention lane and an
+        isolated MLP lane; a skip arriving at that layer joins both (it is added before the split), later skips
+        join the attention lane; the output is m·lane0 + (1 − m)·lane1 with one learned scalar m."""
+        c = self.config
+        lanes: tuple[Tensor, Tensor] | None = None
+        for j, i in enumerate(dec):
+            if j < c.num_skips and skips:
+                if lanes is None:
+                    x = self._skip(j, x, skips.pop())
+                else:
+                    lanes = (self._skip(j, lanes[0], skips.pop()), lanes[1])
+            if lanes is None and i >= c.parallel_start:
+                lanes = (x, x)
+            if lanes is None:
+                x = self.blocks[i](x, **ctx)
+            else:
+                lanes = self.blocks[i].mlp_lane(lanes, **ctx)
+        if lanes is None:
+            return x
+        m = self.lane_merge.to(lanes[0].dtype)
+        return m * lanes[0] + (1 - m) * lanes[1]
 
     def _skip(self, j: int, x: Tensor, s: Tensor) -> Tensor:
         scaled = self.skip_weights[j].to(x.dtype) * s
@@ -189,12 +230,24 @@ class GPT(nn.Module):
                     nn.init.normal_(blk.attn.gate_w, std=0.01)
                 else:
                     nn.init.zeros_(blk.attn.gate_w)
+        if self.bigram is not None and c.bigram_init_std > 0:
+            nn.init.normal_(self.bigram.embed.weight, std=c.bigram_init_std)
+        for aux in (self.bigram, self.ve):
+            if aux is not None and c.aux_proj_init != "zeros" and min(aux.proj.weight.shape) >= 64:
+                nn.init.orthogonal_(aux.proj.weight, gain=1.0)
+                if c.aux_proj_init == "orthogonal_scaled":
+                    aux.proj.weight.mul_(1.0 / math.sqrt(2 * c.num_layers))
 
-    def optimizer_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Named parameters split into 'muon' (block matrices), 'tok' (embedding tables) and 'scalar'."""
+    def optimizer_groups(self, aux_to_muon: bool = False) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Named parameters split into 'muon' (block matrices), 'tok' (embedding tables) and 'scalar'.
+
+        ``aux_to_muon``: the attention head-gate matrices and the BigramHash projection go to Muon too (PR #490 and
+        #1499 do this; otherwise they are in the AdamW 'scalar' group)."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "tok": [], "scalar": []}
         for name, p in self.named_parameters():
             if name.startswith("blocks.") and name.endswith(MUON_SUFFIXES):
+                groups["muon"].append((name, p))
+            elif aux_to_muon and p.ndim == 2 and (name.endswith(".attn.gate_w") or name == "bigram.proj.weight"):
                 groups["muon"].append((name, p))
             elif name in EMBED_NAMES:
                 groups["tok"].append((name, p))
@@ -204,6 +257,28 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_fake_quant(self, targets: dict[str, int] | None, *, floor: bool = False, in_eval: bool = False) -> None:
+        """Late QAT's switch: the Linear layers named in ``targets`` fake-quantize at their bit widths (see
+        :class:`Linear`), every other Linear stops; None or {} turns it off everywhere."""
+        linears = {n: m for n, m in self.named_modules() if isinstance(m, Linear)}
+        unknown = sorted(set(targets or {}) - set(linears))
+        if unknown:
+            raise ValueError(f"fake-quant targets that are not Linear layers of the model: {unknown}")
+        for name, mod in linears.items():
+            bits = (targets or {}).get(name)
+            mod.fake_quant = (int(bits), bool(floor), bool(in_eval)) if bits else None
+
+    def fake_quant_targets(self) -> dict[str, int]:
+        """{module name: bits} of the Linear layers that fake-quantize now (late QAT)."""
+        return {n: m.fake_quant[0] for n, m in self.named_modules() if isinstance(m, Linear) and m.fake_quant}
+
+    def kernel_fallbacks(self) -> list[str]:
+        """The layers whose ops have no Triton kernel and always run the PyTorch reference, one line each."""
+        c = self.config
+        diag = [b.layer for b in self.blocks if b.attn.use_xsa and c.xsa_mode == "diagonal"]
+        return [f"attention: diagonal XSA (y - a_ii v_i) has no Triton kernel; layers {diag} run the reference"] \
+            if diag else []
 
 
 class Block(nn.Module):
@@ -237,6 +312,13 @@ class Block(nn.Module):
         h = x_in + self.attn_branch(x_in, **ctx)
         return h + self.mlp_branch(h)
 
+    def mlp_lane(self, lanes: tuple[Tensor, Tensor], *, x0: Tensor, **ctx) -> tuple[Tensor, Tensor]:
+        """PR #1550's parallel layer: attention on lane0 (resid-mixed with x0), the MLP on lane1 alone."""
+        lane0, lane1 = lanes
+        mix = self.resid_mix.to(lane0.dtype)
+        a_in = mix[0] * lane0 + mix[1] * x0
+        return a_in + self.attn_branch(a_in, **ctx), lane1 + self.mlp_branch(lane1)
+
 
 class Attention(nn.Module):
     """GQA attention with q/k RMSNorm, partial RoPE, per-head QK-gain, XSA and an optional head gate."""
@@ -249,14 +331,21 @@ class Attention(nn.Module):
         self.c_v = Linear(c.model_dim, c.kv_dim)
         self.proj = Linear(c.model_dim, c.model_dim)
         self.q_gain = nn.Parameter(torch.full((c.num_heads,), float(c.qk_gain_init)))
+        self.layer = layer
         self.use_xsa = layer >= c.num_layers - c.xsa_last_n
-        width = c.model_dim if c.attn_gate == "gated" else c.attn_gate_width
+        width = c.model_dim if c.attn_gate in ("gated", "gated_bias") else c.attn_gate_width
         self.gate_w = nn.Parameter(torch.zeros(c.num_heads, width)) if c.attn_gate != "none" else None
+        # PR #490's gate: Linear(d, H) with its bias, weight 0 and bias 4 at init (σ(4) ≈ 0.98)
+        self.gate_b = nn.Parameter(torch.full((c.num_heads,), 4.0)) if c.attn_gate == "gated_bias" else None
         self.ve_slot = c.value_embed_layers.index(layer) if layer in c.value_embed_layers else None
+        init = {"linear": (0.5, 0.5), "softmax": (0.95, 0.05)}.get(c.value_residual)
+        self.vr_lambda = nn.Parameter(torch.tensor(init)) if init and layer > 0 else None
 
     def forward(self, u: Tensor, *, rope: tuple[Tensor, Tensor], cu_seqlens: Tensor | None = None,
-                max_seqlen: int | None = None, ve=None) -> Tensor:
-        """u: (B, T, d) normalized input → (B, T, d) attention output after the out-projection."""
+                max_seqlen: int | None = None, ve=None, vres: dict | None = None) -> Tensor:
+        """u: (B, T, d) normalized input → (B, T, d) attention output after the out-projection.
+
+        ``vres``: the forward's value-residual store (layer 0 puts its v there, later layers mix it in)."""
         c = self.c
         B, T, _ = u.shape
         q = self.c_q(u).view(B, T, c.num_heads, c.head_dim)
@@ -265,13 +354,33 @@ class Attention(nn.Module):
         if ve is not None and self.ve_slot is not None:
             v = v + ve[self.ve_slot]
         v = v.view(B, T, c.num_kv_heads, c.head_dim)
+        if vres is not None:
+            v = self.value_residual(v, vres)
         q = apply_rope(rms_norm(q), *rope)
         k = apply_rope(rms_norm(k), *rope)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = kernels.attention(q, k, v, xsa=self.use_xsa, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        if self.use_xsa and c.xsa_mode == "diagonal":
+            y = kernels.reference_fallback("attention", "xsa_diagonal", q.device.type)(
+                q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        else:
+            y = kernels.attention(q, k, v, xsa=self.use_xsa, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if self.gate_w is not None:
             y = y * self.head_gate(u).unsqueeze(-1)
         return self.proj(y.reshape(B, T, c.model_dim))
+
+    def value_residual(self, v: Tensor, vres: dict) -> Tensor:
+        """Layer 0 stores its v (B, T, Hkv, D) as v0; a later layer returns its v mixed with v0 by its λ (2,):
+        'linear' λ0·v0 + λ1·v (PR #490), 'softmax' s0·v + s1·v0 with s = softmax(λ) (#1499)."""
+        if self.vr_lambda is None:
+            if self.layer == 0 and "v0" not in vres:
+                vres["v0"] = v
+            return v
+        v0 = vres["v0"]
+        if self.c.value_residual == "linear":
+            lam = self.vr_lambda.to(v.dtype)
+            return lam[0] * v0 + lam[1] * v
+        s = torch.softmax(self.vr_lambda, dim=0).to(v.dtype)
+        return s[0] * v + s[1] * v0
 
     def head_gate(self, u: Tensor) -> Tensor:
         """Per-head output gate (B, T, H) from the normalized input u (B, T, d)."""
@@ -279,6 +388,8 @@ class Attention(nn.Module):
         w = self.gate_w.to(u.dtype)
         if c.attn_gate == "gated":
             return torch.sigmoid(u @ w.t())
+        if c.attn_gate == "gated_bias":
+            return torch.sigmoid(u @ w.t() + self.gate_b.to(u.dtype))
         z = u[..., : c.attn_gate_width] @ w.t()
         if c.attn_gate == "sparse":
             return torch.sigmoid(c.attn_gate_kappa * z)
@@ -286,32 +397,56 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """LeakyReLU_s(u W1ᵀ)² W2ᵀ through the kernel dispatch (``fused=False`` runs the modules one by one)."""
+    """(LeakyReLU_s(u W1ᵀ)² ⊙ g) W2ᵀ through the kernel dispatch (``fused=False`` runs the modules one by one).
+
+    g (hidden,) is #1499's per-unit ``hidden_gain`` (absent: 1); the fused kernel gets it folded into the
+    down-projection, W2·diag(g), which is the same function."""
 
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.fc = Linear(c.model_dim, c.mlp_hidden)
         self.proj = Linear(c.mlp_hidden, c.model_dim)
+        self.hidden_gain = nn.Parameter(torch.ones(c.mlp_hidden)) if c.mlp_hidden_gain else None
         self.negative_slope = c.mlp_negative_slope
         self.fused = True
 
     def forward(self, u: Tensor) -> Tensor:
         """u: (..., d) → (..., d)."""
         if self.fused and type(self.fc) is Linear and type(self.proj) is Linear:  # not swapped for int6 layers
-            return kernels.mlp(u, self.fc.weight, self.proj.weight, self.negative_slope)
+            w2 = self.proj.train_weight()
+            if self.hidden_gain is not None:
+                w2 = w2 * self.hidden_gain.to(w2.dtype)
+            return kernels.mlp(u, self.fc.train_weight(), w2, self.negative_slope)
         pre = self.fc(u)
         act = F.leaky_relu(pre, self.negative_slope) if self.negative_slope > 0 else F.relu(pre)
-        return self.proj(act.square())
+        h = act.square()
+        if self.hidden_gain is not None:
+            h = h * self.hidden_gain.to(h.dtype)
+        return self.proj(h)
 
 
 class Linear(nn.Linear):
-    """Bias-free linear layer whose fp32 weight is cast to the input's dtype."""
+    """Bias-free linear layer whose fp32 weight is cast to the input's dtype.
+
+    ``fake_quant`` (set by late QAT, :mod:`pgolf.train.qat`): (bits, scale floor, also in eval) or None. While it
+    applies (training mode, or always with the third flag) the forward uses the straight-through fake-quantized
+    weight: per-row absmax scale s = max(absmax/Q, 1/Q if floor), round(w/s) clamped to ±Q, times s; the gradient
+    passes to w unchanged."""
+
+    fake_quant: tuple[int, bool, bool] | None = None
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        return F.linear(x, self.train_weight().to(x.dtype))
+
+    def train_weight(self) -> Tensor:
+        """The weight the forward uses (fp32): fake-quantized while late QAT applies, else the weight itself."""
+        fq = self.fake_quant
+        if fq is None or not (self.training or fq[2]):
+            return self.weight
+        return fake_quantize(self.weight, fq[0], fq[1])
 
 
 class BigramHash(nn.Module):
@@ -352,6 +487,17 @@ class ValueEmbedding(nn.Module):
 
 
 # ---- functional helpers -----------------------------------------------------------------------------------
+
+def fake_quantize(w: Tensor, bits: int, floor: bool) -> Tensor:
+    """Straight-through fake quantization of w (rows, cols) on the records' per-row absmax grid (fp32 math):
+    the value is q·s with s = absmax/Q (at least 1/Q with ``floor``), q = clamp(round(w/s), ±Q); d/dw is 1."""
+    Q = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        s = w.float().abs().amax(dim=1, keepdim=True) / Q
+        s = s.clamp_min(1.0 / Q) if floor else s.clamp_min(1e-12)
+        wq = (torch.clamp(torch.round(w.float() / s), -Q, Q) * s).to(w.dtype)
+    return w + (wq - w).detach()
+
 
 def rms_norm(x: Tensor) -> Tensor:
     """Weightless RMSNorm over the last dim (eps = torch's default for the dtype)."""
@@ -434,9 +580,10 @@ def shift_right(x: Tensor) -> Tensor:
     return torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
 
 
-def segment_starts(ids: Tensor, cu_seqlens: Tensor | None, bos_id: int) -> Tensor:
-    """(B, T) bool: position 0, every BOS token and every cu_seqlens sequence start (no token shift into these)."""
-    start = ids == bos_id
+def segment_starts(ids: Tensor, cu_seqlens: Tensor | None, bos_id: int | None) -> Tensor:
+    """(B, T) bool: position 0, every BOS token (unless ``bos_id`` is None) and every cu_seqlens sequence start
+    (no token shift into these)."""
+    start = ids == bos_id if bos_id is not None else torch.zeros_like(ids, dtype=torch.bool)
     start[:, 0] = True
     if cu_seqlens is not None:
         T = ids.shape[1]
