@@ -378,6 +378,17 @@ def run_eval(*, preset: str | None = "sota", artifact: str | None = None, smoke:
 
         _project(result)
         progress()
+        try:
+            result["ngram"] = measured_ngram(tokens, device, full=full, world=world, data_path=data_path,
+                                             vocab_size=model_cfg.vocab_size, window=window, stride=stride,
+                                             batch=batch, chunk=chunk)
+            g = result["ngram"]
+            log(f"[eval] n-gram mixture (orders 2-7, normalized): {g['tokens_per_s']:,.0f} scored tokens/s here -> "
+                f"{g['projected_s']:.1f}s projected on {world} GPUs (+ prefill {g['prefill_s']:.1f}s); not in the total")
+        except Exception as e:  # noqa: BLE001
+            result["ngram"] = dict(error=f"{type(e).__name__}: {e}"[:500])
+            log(f"[eval] n-gram mixture failed: {result['ngram']['error']}")
+        progress()
 
     if do_roundtrip:
         try:
@@ -436,6 +447,64 @@ def _measured_ttt(model, tokens, tables, *, window: int, stride: int, batch: int
                      "on one GPU) / W: each of W ranks trains 2 sequences per step")
 
 
+def measured_ngram(tokens: torch.Tensor, device: torch.device, *, full: int, world: int, vocab_size: int,
+                   window: int, stride: int, batch: int, chunk: int, data_path: str | None = None,
+                   prefill_tokens: int = 2_000_000) -> dict[str, Any]:
+    """The n-gram mixture's own cost, as the chunk mode runs it: pre-fill from up to ``prefill_tokens`` training
+    tokens (the shared shards when found, else random tokens), then per batch of sliding windows mix the scored
+    targets (the model's NLL stands in: the mixture's cost does not depend on it), and learn each chunk after it.
+    Projected to ``full`` targets split over ``world`` ranks, each mixing and learning its own share (the default,
+    as #1499)."""
+    from pgolf.eval.ngram import NGramCache, NGramMixer
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    train = _train_tokens(vocab_size, prefill_tokens, data_path)
+    cache = NGramCache(device=device)
+    t0 = time.perf_counter()
+    cache.prefill(train.to(device))
+    sync()
+    prefill_s = time.perf_counter() - t0
+    mixer = NGramMixer(cache)
+    toks = tokens.to(device)
+    n = toks.numel() - 1
+    per_batch = batch * stride
+    mix_s = learn_s = 0.0
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        t1 = time.perf_counter()
+        for b in range(lo, hi, per_batch):
+            t = torch.arange(b, min(b + per_batch, hi), device=device)
+            mixer.mix(torch.full((t.numel(),), 3.0, dtype=torch.float64, device=device), toks, t)
+        sync()
+        t2 = time.perf_counter()
+        mixer.update(toks, lo, hi)
+        sync()
+        learn_s += time.perf_counter() - t2
+        mix_s += t2 - t1
+    projected = (mix_s + learn_s) / n * math.ceil(full / world)
+    return dict(kind="normalized mixture, orders 2-7, pre-filled from training tokens", slice_tokens=n,
+                prefill_tokens=train.numel() - 1, prefill_s=prefill_s, mix_s=mix_s, learn_s=learn_s,
+                tokens_per_s=n / max(mix_s + learn_s, 1e-9), projected_s=projected + prefill_s, world=world,
+                note="each rank mixes and learns its own scored share; the learning of a rank's shard of a chunk "
+                     "is timed here on whole chunks, so the projection is conservative")
+
+
+def _train_tokens(vocab_size: int, n: int, data_path: str | None) -> torch.Tensor:
+    """Up to n + 1 training tokens from the shards beside the validation data (or the shared data), else random."""
+    found = find_val_data(vocab_size, data_path, None)
+    if found:
+        try:
+            from pgolf.data.shards import find_shards, load_tokens as load_shards
+
+            toks = load_shards(find_shards(found[0], "train"), vocab_size)
+            if toks.numel() > 1:
+                return toks[: n + 1]
+        except Exception:  # noqa: BLE001 - fall back to random tokens
+            pass
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab_size, (min(n, 1 << 20) + 1,), generator=g)
+
+
 def _count_windows(n: int, window: int, stride: int) -> int:
     m = n - window + stride
     return max(1, -(-m // stride)) if m > 0 else 1
@@ -468,6 +537,9 @@ def metrics(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if rt.get("seconds") is not None:
         out[f"{k}/roundtrip_s"] = metric(rt["seconds"], "s", "lower", threshold=0.15)  # brotli on a shared CPU
         out[f"{k}/artifact_bytes"] = metric(rt["bytes"], "B", None)
+    ng = result.get("ngram") or {}
+    if ng.get("projected_s") is not None:
+        out[f"{k}/ngram/projected_s"] = metric(ng["projected_s"], "s", "lower")
     ttt = result.get("ttt") or {}
     if ttt.get("projected_s") is not None:
         out[f"{k}/ttt/projected_s"] = metric(ttt["projected_s"], "s", "lower")
@@ -523,6 +595,11 @@ def format_report(result: dict[str, Any]) -> str:
                                for i, (c, w) in enumerate(zip(r, widths))).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
+    ng = result.get("ngram")
+    if ng and "projected_s" in ng:
+        lines.append(f"n-gram mixture ({ng['kind']}): {ng['tokens_per_s']:,.0f} scored tokens/s here, pre-fill of "
+                     f"{ng['prefill_tokens']:,} tokens {ng['prefill_s']:.1f} s; projected {ng['projected_s']:.1f} s on "
+                     f"{ng['world']} GPUs for the full set (on top of sliding/TTT scoring; not in the total)")
     fl = result.get("flops")
     if fl:
         lines.append(f"FLOPs per scored token (window {fl['window']}, stride {fl['stride']}; {fl['counted_with']}): "

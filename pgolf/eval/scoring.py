@@ -43,24 +43,30 @@ class WindowScorer:
     ``tables``: the tokenizer's byte tables on the model's device. ``width``: tokens per window; ``batch``: windows
     per forward. ``doc_isolated``: the batch is one ``(1, batch·width)`` row with ``cu_seqlens`` at every window
     start and BOS. ``compile``: ``torch.compile`` the batch function (fixed shapes); ``cuda_graphs``: compile it
-    with CUDA graphs (``mode='reduce-overhead'``; CUDA only).
+    with CUDA graphs (``mode='reduce-overhead'``; CUDA only). ``mixer``: e.g. :class:`pgolf.eval.ngram.NGramMixer`,
+    whose ``mix(nll, tokens, targets)`` turns the model's NLL of the scored targets into the final score (it only
+    reads; learning is the caller's, after scoring). ``trunk``: the function computing the trunk, default
+    ``model.trunk`` (e.g. a LoRA-adapted trunk).
     """
 
     def __init__(self, model: nn.Module, tables: ByteTables, *, width: int, batch: int, doc_isolated: bool = False,
                  bos_id: int = 1, autocast_dtype: torch.dtype | None = None, gather: bool = True,
-                 compile: bool = False, cuda_graphs: bool = False, device: torch.device | None = None):
+                 compile: bool = False, cuda_graphs: bool = False, device: torch.device | None = None,
+                 mixer=None, trunk: Callable[[Tensor], Tensor] | None = None):
         if width < 1 or batch < 1:
             raise ValueError(f"need width >= 1 and batch >= 1, got width={width}, batch={batch}")
         self.model, self.tables = model, tables
         self.width, self.batch = width, batch
         self.doc_isolated, self.bos_id, self.autocast_dtype = doc_isolated, bos_id, autocast_dtype
-        self.gather = gather and hasattr(model, "trunk") and hasattr(model, "rows_nll")
+        self.gather = gather and (hasattr(model, "trunk") or trunk is not None) and hasattr(model, "rows_nll")
         self.device = device if device is not None else model_device(model)
-        self.fn: Callable[..., tuple[Tensor, Tensor, Tensor]] = self._batch_sums
+        self.mixer = mixer
+        self.trunk = trunk if trunk is not None else getattr(model, "trunk", None)
+        self.fn: Callable[..., tuple[Tensor, Tensor]] = self._batch_rows
         if cuda_graphs or compile:
             if cuda_graphs and self.device.type != "cuda":
                 raise ValueError("cuda_graphs needs the model on a CUDA device (--cuda-graphs: run on a GPU)")
-            self.fn = torch.compile(self._batch_sums, dynamic=False, fullgraph=True, backend=COMPILE_BACKEND,
+            self.fn = torch.compile(self._batch_rows, dynamic=False, fullgraph=True, backend=COMPILE_BACKEND,
                                     mode="reduce-overhead" if cuda_graphs else None)
 
     def score(self, tokens: Tensor, starts: Tensor, lengths: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,10 +85,16 @@ class WindowScorer:
             s, ln, off = _pad_batch(starts[b0:b0 + self.batch], lengths[b0:b0 + self.batch],
                                     offsets[b0:b0 + self.batch], self.batch, self.width)
             k = self.width if not self.gather or int(span[b0:b0 + self.batch].max()) > rows_cap else rows_cap
-            x, y, pos, scored = self._inputs(tokens, s.to(self.device), ln.to(self.device), off.to(self.device), k)
+            s_dev = s.to(self.device)
+            x, y, pos, scored = self._inputs(tokens, s_dev, ln.to(self.device), off.to(self.device), k)
             with torch.no_grad():
-                for acc, v in zip(sums, self.fn(x, y, pos, scored)):
-                    acc += v
+                nll, nbytes = self.fn(x, y, pos, scored)
+                if self.mixer is not None:
+                    nll = nll.clone()
+                    nll[scored] = self.mixer.mix(nll[scored], tokens, (s_dev[:, None] + pos)[scored])
+            sums[0] += nll.sum()
+            sums[1] += nbytes.sum()
+            sums[2] += scored.sum()
         return tuple(sums)
 
     def warmup(self, vocab_size: int, rows: int, seed: int = 0) -> float:
@@ -115,8 +127,9 @@ class WindowScorer:
         scored = (pos >= off[:, None]) & (pos < ln[:, None])
         return x, y, pos.clamp_(max=self.width - 1), scored
 
-    def _batch_sums(self, x: Tensor, y: Tensor, pos: Tensor, scored: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(Σ nll float64, Σ bytes, count) of one batch: the trunk on every position, the head on ``pos`` only."""
+    def _batch_rows(self, x: Tensor, y: Tensor, pos: Tensor, scored: Tensor) -> tuple[Tensor, Tensor]:
+        """(nll float64, bytes) (batch, k) of the gathered positions of one batch, zero where not scored: the trunk
+        on every position, the head on ``pos`` only."""
         B, T = x.shape
         xg, yg = x.gather(1, pos), y.gather(1, pos)
         with _autocast(self.device, self.autocast_dtype):
@@ -125,14 +138,14 @@ class WindowScorer:
                 kw = dict(cu_seqlens=window_cu_seqlens(x.reshape(-1), T, self.bos_id), max_seqlen=T)
             inputs, targets = (x.reshape(1, -1), y.reshape(1, -1)) if self.doc_isolated else (x, y)
             if self.gather:
-                h = self.model.trunk(inputs, **kw).reshape(B, T, -1)
+                h = self.trunk(inputs, **kw).reshape(B, T, -1)
                 rows = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))
                 nll = self.model.rows_nll(rows.reshape(-1, rows.size(-1)), yg.reshape(-1)).view(pos.shape)
             else:
                 nll = self.model.loss(inputs, targets, reduction="none", **kw).reshape(B, T).gather(1, pos)
-        nll = torch.where(scored, nll.to(torch.float64), 0.0).sum()
-        nbytes = torch.where(scored, count_bytes(xg, yg, self.tables), 0).sum()
-        return nll, nbytes, scored.sum()
+        nll = torch.where(scored, nll.to(torch.float64), 0.0)
+        nbytes = torch.where(scored, count_bytes(xg, yg, self.tables), 0)
+        return nll, nbytes
 
 
 def fit_batch(model: nn.Module, width: int, *, doc_isolated: bool = False, autocast_dtype: torch.dtype | None = None,

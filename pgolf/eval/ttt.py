@@ -50,7 +50,7 @@ from pgolf.model.gpt import rms_norm
 from pgolf.eval.ledger import ComplianceViolation, Ledger, LedgerSummary, set_active_ledger, strip_validation
 from pgolf.eval.sliding import _plan_tensors
 
-MODES = ("chunk", "lora", "phased")
+MODES = ("chunk", "lora", "phased", "lora_sliding")
 OPTIMIZERS = ("sgd", "adamw", "muon")
 LORA_SITES = ("q", "k", "v", "o", "mlp", "head")
 
@@ -104,6 +104,22 @@ class TTTSettings:
     phase_chunk_tokens: int = 32_768
     phase_seq_len: int = 2048
     phase_epochs: int = 1
+    # lora_sliding (#1499): one adapter over the sliding windows, an AdamW step per scored batch, reset periodically
+    slide_lora_rank: int = 8
+    slide_lora_sites: tuple[str, ...] = ("q", "v")
+    slide_lora_lr: float = 3e-4
+    slide_lora_init_std: float = 0.01  # A ~ N(0, std²), B = 0, no α/r scale
+    slide_lora_reset: int = 8  # batches between resets of the adapter and its optimizer
+    # n-gram cache mixture (#1499, normalized): the chunk mode scores through it and learns each scored chunk
+    ngram: bool = False
+    ngram_orders: tuple[int, ...] = (2, 3, 4, 5, 6, 7)
+    ngram_alpha: float = 0.3  # α_max
+    ngram_kappa: float = 4.0  # the context count at which α = α_max / 2
+    ngram_min_count: int = 1
+    ngram_weighting: str = "normalized"  # 'record': #1499's token-dependent α (not a distribution): study only
+    ngram_prefill_tokens: int = 2_000_000  # of the training tokens given to run_ttt (#1499: the first 2 M)
+    ngram_shared: bool = False  # every rank learns every chunk (one cache); default: each its own share (#1499)
+    study: bool = False  # allow the illegal variants (for study: the compliance report says FAIL)
     # misc
     compile: bool = False  # torch.compile the chunk-mode adaptation step (fixed shapes), warmed up on random tokens
     seed: int = 0
@@ -123,7 +139,7 @@ class TTTSettings:
         if bad:
             raise ValueError(f"unknown TTT settings {bad}; known: {sorted(known)}")
         d = dict(d)
-        for k in ("params", "lora_sites"):
+        for k in ("params", "lora_sites", "ngram_orders", "slide_lora_sites"):
             if k in d and d[k] is not None:
                 d[k] = (d[k],) if isinstance(d[k], str) else tuple(d[k])
         for k in ("adam_betas", "block_lr"):
@@ -158,7 +174,14 @@ class TTTSettings:
             problems.append(f"entropy_low {self.entropy_low} > entropy_high {self.entropy_high}")
         if self.ns_steps < 1:
             problems.append("ns_steps must be >= 1")
-        bad_sites = sorted(set(self.lora_sites) - set(LORA_SITES))
+        if self.ngram_weighting == "record" and not self.study:
+            problems.append("ngram_weighting='record' (#1499's alpha from the scored token's own NLL) is not a "
+                            "normalized distribution (condition 2): it runs only with study=True")
+        if self.ngram and (not self.ngram_orders or min(self.ngram_orders) < 2):
+            problems.append(f"ngram_orders must all be >= 2, got {self.ngram_orders}")
+        if self.slide_lora_rank < 1 or self.slide_lora_reset < 1:
+            problems.append("slide_lora_rank and slide_lora_reset must be >= 1")
+        bad_sites = sorted((set(self.lora_sites) | set(self.slide_lora_sites)) - set(LORA_SITES))
         if bad_sites:
             problems.append(f"lora_sites {bad_sites} not in {LORA_SITES}")
         if problems:
@@ -287,6 +310,20 @@ class _NoStep:
         pass
 
 
+def _ngram_mixer(s: "TTTSettings", ledger: Ledger, device: torch.device, prefill: Tensor | None):
+    """The n-gram mixture of the settings, pre-filled from the first ``ngram_prefill_tokens`` of ``prefill`` (training
+    tokens: the guard refuses validation data)."""
+    from pgolf.compliance_guard import assert_not_validation
+    from pgolf.eval.ngram import NGramCache, NGramMixer
+
+    cache = NGramCache(s.ngram_orders, device)
+    if prefill is not None and s.ngram_prefill_tokens > 0:
+        assert_not_validation(prefill, context="ngram_prefill")
+        cache.prefill(strip_validation(prefill)[: s.ngram_prefill_tokens + 1])
+    return NGramMixer(cache, alpha=s.ngram_alpha, kappa=s.ngram_kappa, min_count=s.ngram_min_count,
+                      weighting=s.ngram_weighting, ledger=ledger)
+
+
 def _compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``fn`` under ``torch.compile`` (fixed shapes, one graph), with the eval scorer's backend."""
     from pgolf.eval import scoring
@@ -394,14 +431,16 @@ def _sgd_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Opt
 
 
 class ChunkTTT:
-    """Score-first chunked TTT. :meth:`run` is ``for c: score_chunk(c); train_chunk(c) (not the last)``.
+    """Score-first chunked TTT. :meth:`run` is ``for c: score_chunk(c); train_chunk(c) (not the last)``; with
+    ``ngram`` the chunk's windows are scored through the n-gram mixture, and the cache learns the targets this rank
+    scored in the chunk (``ngram_shared``: the whole chunk, every rank) before the next chunk is scored.
 
     :meth:`score_chunk` and :meth:`train_chunk` report to the ledger, so any other order of calls (training before
     scoring, several epochs over the stream first, scoring twice) raises :class:`ComplianceViolation`.
     """
 
     def __init__(self, model: nn.Module, tokens: Tensor, tables: ByteTables, settings: TTTSettings, ledger: Ledger,
-                 *, rank: int, world_size: int, log: Callable[[str], None] = print):
+                 *, rank: int, world_size: int, log: Callable[[str], None] = print, prefill: Tensor | None = None):
         self.model, self.s, self.ledger, self.log = model, settings, ledger, log
         self.rank, self.world_size = rank, world_size
         self.device = tokens.device
@@ -421,6 +460,8 @@ class ChunkTTT:
         self.scorer = WindowScorer(model, self.tables, width=self.width, batch=settings.batch_windows,
                                    doc_isolated=settings.doc_isolated, bos_id=self.bos_id, autocast_dtype=self.amp,
                                    device=self.device)
+        self.mixer = _ngram_mixer(settings, ledger, self.device, prefill) if settings.ngram else None
+        self.scorer.mixer = self.mixer
         named = select_params(model, settings.params)
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -480,9 +521,11 @@ class ChunkTTT:
             self.sums[1] += nbytes
             self.sums[2] += cnt
             self.chunk_sums = (nll.detach(), cnt.detach())
+            self.own_targets = (t_lo, t_hi)
         else:
             self.chunk_sums = (torch.zeros((), dtype=torch.float64, device=self.device),
                                torch.zeros((), dtype=torch.int64, device=self.device))
+            self.own_targets = (0, 0)
         if self.world_size > 1 and w1 > w0:
             self.ledger.sync(*self.chunk_targets(c))
         self.timings["score_s"] += time.perf_counter() - t0
@@ -545,6 +588,10 @@ class ChunkTTT:
                 after_first_chunk()
             if c < self.n_chunks - 1:
                 self.train_chunk(c)
+                if self.mixer is not None and self.s.ngram_shared:
+                    self.mixer.update(self.tokens, *self.chunk_targets(c), collective=self.world_size > 1)
+                elif self.mixer is not None:
+                    self.mixer.update(self.tokens, *self.own_targets)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -682,12 +729,13 @@ class LoRAHooks:
         """The model's final hidden states with the adapters of ``rows`` (one per batch row) attached."""
         return rms_norm(self.trunk(x, rows))
 
-    def trunk(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
-        """The model's trunk (before the final norm) with the adapters of ``rows`` attached. x: (B, T) → (B, T, d)."""
+    def trunk(self, x: Tensor, rows: Tensor | None = None, **kw) -> Tensor:
+        """The model's trunk (before the final norm) with the adapters of ``rows`` attached. x: (B, T) → (B, T, d);
+        ``kw``: the model's packing arguments (cu_seqlens, max_seqlen)."""
         self.attn_calls.clear()
         self.mlp_calls.clear()
         self.lora.rows = rows
-        h = self.model.trunk(x)
+        h = self.model.trunk(x, **kw)
         if self.attn_calls != self.expected or self.mlp_calls != self.expected:
             raise RuntimeError(f"LoRA hooks saw attention calls {self.attn_calls} and MLP calls {self.mlp_calls} "
                                f"per layer, expected {self.expected} (the model's layer plan changed?)")
@@ -895,18 +943,112 @@ class DocLoRATTT:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# LoRA sliding TTT with periodic reset (#1499)
+
+
+class LoRASlidingTTT:
+    """#1499's LoRA sliding TTT: the sliding windows (exactly :func:`pgolf.eval.evaluate_sliding`'s plan) go in batches
+    of ``batch_windows``; each batch is scored with the current adapter (rank ``slide_lora_rank`` on the
+    ``slide_lora_sites`` of every layer slot, A ~ N(0, std²), B = 0, no α/r scale; base model frozen), then one
+    AdamW step on the mean loss over every position of those windows, all scored by then. The adapter and its
+    optimizer start over every ``slide_lora_reset`` batches. Windows are split contiguously across ranks, each with
+    its own adapter as the record; a window reaching back before its rank's first scored target is trained on
+    from that target on only (it is scored whole), so every rank adapts on targets it scored itself."""
+
+    def __init__(self, model: nn.Module, tokens: Tensor, tables: ByteTables, settings: TTTSettings, ledger: Ledger,
+                 *, rank: int, world_size: int, log: Callable[[str], None] = print):
+        self.model, self.s, self.ledger, self.log = model, settings, ledger, log
+        self.device, self.tokens = tokens.device, tokens
+        self.tables = tables.to(self.device)
+        self.N = tokens.numel() - 1
+        self.amp = _autocast_dtype(settings.autocast_dtype)
+        starts, ends, offsets = _plan_tensors(self.N, settings.window, settings.stride)
+        lo, hi = _rank_slice(starts.numel(), rank, world_size)
+        self.starts, self.ends, self.offsets = starts[lo:hi], ends[lo:hi], offsets[lo:hi]
+        self.first_own = int(self.starts[0] + self.offsets[0]) if hi > lo else 0
+        self.width = min(settings.window, self.N)
+        self.sums = [torch.zeros((), dtype=torch.float64, device=self.device),
+                     torch.zeros((), dtype=torch.int64, device=self.device),
+                     torch.zeros((), dtype=torch.int64, device=self.device)]
+        self.timings = {"score_s": 0.0, "adapt_s": 0.0, "reset_s": 0.0}
+        self.steps = 0
+
+    def new_adapter(self) -> tuple[DocLoRA, torch.optim.Optimizer]:
+        s = self.s
+        g = torch.Generator().manual_seed(s.seed + self.steps)
+        n_slots = len(virtual_slots(self.model))
+        a_init = {f"s{v}_{site}": torch.randn(1, s.slide_lora_rank, self.model.config.model_dim, generator=g).mul_(
+            s.slide_lora_init_std).to(self.device) for v in range(n_slots) for site in s.slide_lora_sites}
+        lora = DocLoRA(self.model, 1, s.slide_lora_rank, float(s.slide_lora_rank), s.slide_lora_sites, a_init)
+        lora = lora.to(self.device)
+        return lora, torch.optim.AdamW(lora.parameters(), lr=s.slide_lora_lr, weight_decay=0.0)
+
+    def run(self) -> None:
+        s, n = self.s, self.starts.numel()
+        lora, opt = None, None
+        for j, b0 in enumerate(range(0, n, s.batch_windows)):
+            if j % s.slide_lora_reset == 0:
+                t0 = time.perf_counter()
+                lora, opt = self.new_adapter()
+                self.timings["reset_s"] += time.perf_counter() - t0
+            sl = slice(b0, b0 + s.batch_windows)
+            with _TrainableOnly(self.model, []), LoRAHooks(self.model, lora) as hooks:
+                self.model.eval()
+                self.score_batch(hooks, sl)
+                self.adapt_batch(hooks, opt, sl)
+
+    def score_batch(self, hooks: LoRAHooks, sl: slice) -> None:
+        t0 = time.perf_counter()
+        st, en, off = self.starts[sl], self.ends[sl], self.offsets[sl]
+        self.ledger.score(int(st[0] + off[0]), int(en[-1]), label=f"slide_lora_score:window={int(st[0])}")
+        scorer = WindowScorer(self.model, self.tables, width=self.width, batch=self.s.batch_windows,
+                              doc_isolated=self.s.doc_isolated, bos_id=self.s.bos_id, autocast_dtype=self.amp,
+                              device=self.device, trunk=hooks.trunk)
+        with torch.no_grad():
+            for acc, v in zip(self.sums, scorer.score(self.tokens, st, en - st, off)):
+                acc += v
+        self.timings["score_s"] += time.perf_counter() - t0
+
+    def adapt_batch(self, hooks: LoRAHooks, opt: torch.optim.Optimizer, sl: slice) -> None:
+        """One AdamW step on the batch's windows (from the rank's first own target on)."""
+        t0 = time.perf_counter()
+        st = torch.clamp(self.starts[sl], min=self.first_own)
+        en = self.ends[sl]
+        keep = en > st
+        st, en = st[keep], en[keep]
+        if st.numel():
+            self.ledger.adapt(np.stack([st.numpy(), en.numpy()], 1), label="slide_lora_adamw")
+            T = int((en - st).max())
+            ar = torch.arange(T)
+            valid = ar[None, :] < (en - st)[:, None]
+            idx = torch.where(valid, st[:, None] + ar[None, :], 0).to(self.device)
+            valid = valid.to(self.device)
+            x = torch.where(valid, self.tokens[idx], 0)
+            y = torch.where(valid, self.tokens[idx + 1], 0)
+            with _autocast(self.device, self.amp):
+                nll = hooks.forward_nll(x, y)
+            (torch.where(valid, nll.float(), 0.0).sum() / valid.sum()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.steps += 1
+        self.timings["adapt_s"] += time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # entry point
 
 
 def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: str = "chunk",
             settings: TTTSettings | dict | None = None, ledger: Ledger | None = None, rank: int | None = None,
-            world_size: int | None = None, log: Callable[[str], None] | None = print) -> TTTResult:
+            world_size: int | None = None, log: Callable[[str], None] | None = print,
+            prefill_tokens: Tensor | None = None) -> TTTResult:
     """Score the validation stream with legal score-first TTT and return the exact bpb and the ledger's evidence.
 
     ``val_tokens``: 1-D, N + 1 tokens (plain or :func:`pgolf.eval.ledger.mark_validation`-flagged). ``tables``: the
     tokenizer's :class:`ByteTables`. ``mode``: 'chunk' | 'lora' | 'phased'. ``settings``: :class:`TTTSettings` or a
     dict of overrides. ``ledger``: a :class:`Ledger` over N targets (made here when None; it becomes the active
     ledger while this runs). Adapts ``model`` in place. Raises :class:`ComplianceViolation` on any illegal use.
+    ``prefill_tokens``: training tokens (1-D) for the n-gram cache (``settings.ngram``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -921,6 +1063,9 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
         settings = settings.replace(bos_id=int(getattr(getattr(model, "config", None), "bos_id", 1)))
     rank, world_size = _resolve_rank(rank, world_size)
     _dist_running(world_size)
+    if settings.ngram and mode != "chunk":
+        raise ValueError(f"the n-gram mixture runs in the chunk mode (scoring through it, learning each scored "
+                         f"chunk); mode {mode!r} does not take it")
     if settings.compile and mode != "chunk":
         raise ValueError(f"TTT compile is for the chunk mode's fixed-shape adaptation step; mode {mode!r} runs "
                          f"per-document LoRA steps of varying shapes (drop compile)")
@@ -939,17 +1084,24 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
     was_training = model.training
     try:
         if mode == "chunk":
-            runner = ChunkTTT(model, tokens, tables, settings, ledger, rank=rank, world_size=world_size, log=log)
+            runner = ChunkTTT(model, tokens, tables, settings, ledger, rank=rank, world_size=world_size, log=log,
+                              prefill=prefill_tokens)
             if settings.compile:  # compile warm-up on random tokens, outside the timed region
                 warmup_s = runner.warmup()
                 t_start += warmup_s
             probes_before: dict[str, Any] = {}
             if settings.probes:  # on already-scored positions, before any adaptation
                 runner.run(lambda: probes_before.update(_probes(model, tokens, settings, None, "before",
-                                                                 limit=runner.chunk_targets(0)[1])))
+                                                                 limit=runner.chunk_targets(0)[1],
+                                                                 mixer=runner.mixer)))
             else:
                 runner.run()
             n_chunks, n_docs, doc_nll = runner.n_chunks, None, None
+        elif mode == "lora_sliding":
+            runner = LoRASlidingTTT(model, tokens, tables, settings, ledger, rank=rank, world_size=world_size, log=log)
+            probes_before = {}
+            runner.run()
+            n_chunks, n_docs, doc_nll = None, None, None
         else:
             runner = DocLoRATTT(model, tokens, tables, settings, ledger, rank=rank, world_size=world_size,
                                 phased=mode == "phased", log=log)
@@ -959,8 +1111,9 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
         t_probe = time.perf_counter()
         probes: dict[str, Any] = {}
         if settings.probes:
-            lora_runner = runner if mode != "chunk" else None
-            probes = _merge_probes(probes_before, _probes(model, tokens, settings, lora_runner, "after"))
+            lora_runner = runner if mode in ("lora", "phased") else None
+            probes = _merge_probes(probes_before, _probes(model, tokens, settings, lora_runner, "after",
+                                                          mixer=getattr(runner, "mixer", None)))
         probe_s = time.perf_counter() - t_probe
         sums = torch.stack([runner.sums[0], runner.sums[1].to(torch.float64), runner.sums[2].to(torch.float64)])
         if world_size > 1:
@@ -996,9 +1149,10 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
 
 
 def _probes(model: nn.Module, tokens: Tensor, s: TTTSettings, lora_runner: DocLoRATTT | None,
-            when: str, limit: int | None = None) -> dict[str, Any]:
+            when: str, limit: int | None = None, mixer=None) -> dict[str, Any]:
     """Normalization and causality probes on the first ``probe_tokens`` targets (already scored; at most
-    ``limit``). Diagnostics only: nothing is scored or adapted."""
+    ``limit``), of the scored distribution (the model's, or its n-gram mixture). Diagnostics only: nothing is
+    scored or adapted."""
     from pgolf.eval.compliance import probe_causality, probe_normalization
 
     T = min(s.probe_tokens, tokens.numel() - 1, limit if limit is not None else tokens.numel())
@@ -1009,10 +1163,9 @@ def _probes(model: nn.Module, tokens: Tensor, s: TTTSettings, lora_runner: DocLo
     dev = tokens.device
     with _eval_mode(model), _autocast(dev, amp):
         if lora_runner is None:
-            norm = probe_normalization(lambda a: model.forward_logits(a), x, y,
-                                       nll_fn=lambda a, b: model.loss(a, b, reduction="none"))
-            caus = probe_causality(lambda a, b: model.loss(a, b, reduction="none"), x, y,
-                                   vocab_size=norm["vocab"], seed=s.seed)
+            logits_fn, nll_fn = _scored_fns(model, mixer)
+            norm = probe_normalization(logits_fn, x, y, nll_fn=nll_fn)
+            caus = probe_causality(nll_fn, x, y, vocab_size=norm["vocab"], seed=s.seed)
         else:
             lora = lora_runner.new_lora(1)
             g = torch.Generator().manual_seed(s.seed + 1)
@@ -1025,6 +1178,27 @@ def _probes(model: nn.Module, tokens: Tensor, s: TTTSettings, lora_runner: DocLo
                 caus = probe_causality(lambda a, b: h.forward_nll(a, b, rows), x, y,
                                        vocab_size=norm["vocab"], seed=s.seed)
     return {f"normalization_{when}": norm, f"causality_{when}": caus}
+
+
+def _scored_fns(model: nn.Module, mixer) -> tuple[Callable, Callable]:
+    """(logits_fn, nll_fn) of the scored distribution for the probes: x (1, T) → log-probs (1, T, V); (x, y) → nll
+    (1, T). With an n-gram mixer the contexts come from the probe's own inputs, so the causality probe sees them."""
+    if mixer is None:
+        return (lambda a: model.forward_logits(a)), (lambda a, b: model.loss(a, b, reduction="none"))
+
+    def stream(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.cat([a[0], b[0, -1:]]), torch.arange(a.shape[1], device=a.device)
+
+    def logits_fn(a: Tensor) -> Tensor:
+        logp = torch.log_softmax(model.forward_logits(a).float()[0], dim=-1)
+        toks, t = stream(a, a)  # only the contexts (inputs) are read
+        return mixer.log_probs(logp, toks, t)[None]
+
+    def nll_fn(a: Tensor, b: Tensor) -> Tensor:
+        toks, t = stream(a, b)
+        return mixer.mix(model.loss(a, b, reduction="none")[0].double(), toks, t, y=b[0])[None]
+
+    return logits_fn, nll_fn
 
 
 def _merge_probes(a: dict, b: dict) -> dict:

@@ -609,3 +609,45 @@ def test_block_lr_scales_every_parameter_of_a_block(drift):
     assert cosine_lr(1.0, 7, 8, floor=0.1) == 0.1 and cosine_lr(1.0, 0, 8, floor=0.1) == 1.0
     with pytest.raises(ValueError, match="optimizer"):
         TTTSettings.from_dict(dict(optimizer="lion"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA sliding TTT with periodic reset (#1499)
+
+SLIDE = dict(CHUNK, probes=False, slide_lora_rank=4, slide_lora_lr=3e-2, batch_windows=8, slide_lora_reset=8)
+
+
+def test_lora_sliding_scores_every_window_first_and_helps_on_drift(drift):
+    val, model, base = drift
+    res = run_ttt(copy.deepcopy(model), val, TABLES, mode="lora_sliding", settings=SLIDE, log=None)
+    n_batches = math.ceil(base.windows / SLIDE["batch_windows"])
+    assert res.tokens == base.tokens and res.bytes == base.bytes and res.adapt_steps == n_batches
+    assert res.ledger.min_adapt_gap >= 1 and res.ledger.max_times_scored == 1
+    assert res.timings["reset_s"] > 0 and res.val_bpb < base.val_bpb - 0.005
+    # the base model is frozen: only the adapters learn
+    m = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    run_ttt(m, val, TABLES, mode="lora_sliding", settings=SLIDE, log=None)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_lora_sliding_resets_matter_and_adapting_first_is_caught(drift):
+    from pgolf.eval.ttt import LoRASlidingTTT
+
+    val, model, _ = drift
+    often = run_ttt(copy.deepcopy(model), val, TABLES, mode="lora_sliding", settings=dict(SLIDE, slide_lora_reset=1),
+                    log=None)
+    never = run_ttt(copy.deepcopy(model), val, TABLES, mode="lora_sliding",
+                    settings=dict(SLIDE, slide_lora_reset=10_000), log=None)
+    assert often.val_bpb != never.val_bpb
+
+    class AdaptFirst(LoRASlidingTTT):
+        def run(self):
+            lora, opt = self.new_adapter()
+            with LoRAHooks(self.model, lora) as hooks:
+                self.adapt_batch(hooks, opt, slice(0, self.s.batch_windows))
+
+    s = TTTSettings.from_dict(dict(SLIDE, bos_id=BOS))
+    with pytest.raises(ComplianceViolation) as ei:
+        AdaptFirst(copy.deepcopy(model), val, TABLES, s, Ledger(N_VAL), rank=0, world_size=1).run()
+    assert ei.value.kind == "adapt_before_score" and ei.value.label == "slide_lora_adamw"
