@@ -477,8 +477,11 @@ def build_model(source: QuantizedModel | str | os.PathLike, *, device: str | tor
     if missing:
         raise ArtifactError(f"the artifact's tensors do not match the model config: {sorted(missing)[:5]}")
     model.load_state_dict(state, strict=True)
-    if cfg.num_loops:
+    if cfg.has_recurrence:
         model.looping_active = True
+    fake_quant = qm.meta.get("fake_quant_in_eval")
+    if fake_quant:  # the run kept late QAT on in eval (#1499's code): so does its rebuilt model
+        model.set_fake_quant(fake_quant["targets"], floor=fake_quant["floor"], in_eval=True)
     if int6_matmul:
         swap_int6_linears(model, qm, device=device)
     return model.eval()

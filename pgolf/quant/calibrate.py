@@ -9,6 +9,9 @@ from the training shards with :class:`pgolf.data.loaders.ShuffledLoader`, and ev
 guard :func:`pgolf.compliance_guard.assert_not_validation` (context ``gptq_calibration``; the guard lives below
 both :mod:`pgolf.quant` and :mod:`pgolf.eval`, so quantization never imports the evaluation package). With a process
 group running, the Hessians are averaged across ranks (each rank reads its own batches).
+
+:func:`generated_batches` is PR #1550's other source: sequences the trained model samples itself (a random first
+token, then softmax(logits / temperature) draws, in batches of 8), so no data is read at all.
 """
 
 from __future__ import annotations
@@ -45,6 +48,38 @@ def calibration_batches(train_files: Sequence, seq_len: int, tokens_per_batch: i
         loader = ShuffledLoader(files, seq_len, seed=seed * 131 + rank, vocab_size=vocab_size)
     for _ in range(n_batches):
         yield loader.next_batch(tokens_per_batch // seq_len)[0]
+
+
+@torch.no_grad()
+def generated_batches(model: nn.Module, n_seqs: int, seq_len: int, *, temperature: float = 0.8,
+                      batch_size: int = 8, seed: int = 0, device: torch.device | None = None,
+                      autocast_dtype: torch.dtype | None = None) -> list[Tensor]:
+    """``n_seqs`` int64 (1, seq_len) sequences sampled from ``model`` (eval mode, looping as it is now).
+
+    Each batch of ``batch_size`` starts from uniformly random tokens and grows by one token per forward (the
+    records' way: no KV cache), sampling from softmax(logits[:, -1] / temperature) with a generator seeded by
+    ``seed``."""
+    if not temperature > 0:
+        raise ValueError(f"generation temperature must be positive, got {temperature}")
+    device = device or next(model.parameters()).device
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out: list[Tensor] = []
+    try:
+        for start in range(0, n_seqs, batch_size):
+            ids = torch.randint(0, vocab, (min(batch_size, n_seqs - start), 1), generator=gen, device=device)
+            for _ in range(seq_len - 1):
+                ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+                with ctx:
+                    logits = model.forward_logits(ids)[:, -1].float()
+                nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
+                ids = torch.cat((ids, nxt), dim=1)
+            out.extend(row.unsqueeze(0) for row in ids)
+    finally:
+        model.train(was_training)
+    return out
 
 
 @contextlib.contextmanager
@@ -92,7 +127,7 @@ def collect_hessians(model: nn.Module, batches: Iterable[Tensor], *, device: tor
     was_training = model.training
     prev_loop = getattr(model, "looping_active", None)
     if looping is None:
-        looping = bool(getattr(getattr(model, "config", None), "num_loops", 0))
+        looping = bool(getattr(getattr(model, "config", None), "has_recurrence", False))
     n_cal = 0
     model.eval()
     try:
@@ -140,4 +175,4 @@ def timed_calibration(model: nn.Module, batches: Iterable[Tensor], **kw) -> tupl
     return hess, n, time.perf_counter() - t0
 
 
-__all__ = ["EMBED_KEY", "calibration_batches", "collect_hessians", "timed_calibration"]
+__all__ = ["EMBED_KEY", "calibration_batches", "collect_hessians", "generated_batches", "timed_calibration"]

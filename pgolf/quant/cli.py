@@ -52,8 +52,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
     from pgolf.data.shards import find_shards
     from pgolf.quant.artifact import LAYOUTS, encode, save_artifact
-    from pgolf.quant.calibrate import calibration_batches, timed_calibration
-    from pgolf.quant.quantize import QuantSettings, quantize_state
+    from pgolf.quant.calibrate import calibration_batches, generated_batches, timed_calibration
+    from pgolf.quant.quantize import QuantSettings, quantize_for_artifact
     from pgolf.quant.size import artifact_size_table, format_size_table
 
     if args.threads:
@@ -61,19 +61,29 @@ def _quantize(args: argparse.Namespace) -> int:
     cfg, model, tokenizer = checked_inputs(args)
     dev = next(model.parameters()).device
     hess, n_cal = None, 0
-    if cfg.quant_method == "gptq":
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    if cfg.quant_method == "gptq" and cfg.gptq_calibration == "generated":
+        batches = generated_batches(model, cfg.gptq_calibration_batches, cfg.train_seq_len,
+                                    temperature=cfg.gptq_generate_temperature, seed=cfg.seed, device=dev,
+                                    autocast_dtype=amp)
+    elif cfg.quant_method == "gptq":
         tokens = cfg.gptq_calibration_tokens or cfg.train_batch_tokens
         batches = calibration_batches(find_shards(cfg.data_path, "train"), cfg.train_seq_len, tokens,
                                       cfg.gptq_calibration_batches, seed=cfg.seed,
                                       vocab_size=model.config.vocab_size)
-        hess, n_cal, secs = timed_calibration(model, batches, device=dev,
-                                              autocast_dtype=torch.bfloat16 if dev.type == "cuda" else None)
+    if cfg.quant_method == "gptq":
+        hess, n_cal, secs = timed_calibration(model, batches, device=dev, autocast_dtype=amp)
         print(f"calibration: {len(hess)} hessians from {n_cal} batches in {secs:.1f}s")
     t0 = time.perf_counter()
-    qm = quantize_state(model.state_dict(), hess, QuantSettings.from_train_config(cfg),
-                        model_config=model.config.to_dict(), layout=cfg.artifact_layout,
-                        meta={"n_cal": n_cal, "eval_seq_len": cfg.eval_seq_len, "eval_stride": cfg.eval_stride},
-                        log=print)
+    code_bytes = 0
+    if cfg.quant_target_bytes:
+        from pgolf.quant.bundle import measure_code_bytes
+
+        code_bytes = cfg.code_bytes or measure_code_bytes(cfg, model.config)
+    qm = quantize_for_artifact(model.state_dict(), hess, QuantSettings.from_train_config(cfg), code_bytes=code_bytes,
+                               model_config=model.config.to_dict(), layout=cfg.artifact_layout,
+                               meta={"n_cal": n_cal, "eval_seq_len": cfg.eval_seq_len, "eval_stride": cfg.eval_stride},
+                               log=print)
     qm.tokenizer = tokenizer
     if args.compare_layouts:
         for layout in LAYOUTS:
@@ -114,7 +124,7 @@ def checked_inputs(args: argparse.Namespace):
     except (TypeError, ValueError) as e:
         raise InputError(f"--checkpoint {args.checkpoint}: its model config is not usable ({e})") from None
     validate(cfg, model_cfg)
-    if cfg.quant_method == "gptq":
+    if cfg.quant_method == "gptq" and cfg.gptq_calibration == "train":
         check_paths(cfg, need=("data_path",))
     fingerprint = ck.get("tokenizer")
     if cfg.tokenizer_path:

@@ -6,7 +6,8 @@ For a weight ``W`` (rows × cols, one row per output feature) and the Hessian ``
   to fp16. ``std`` is torch's default (Bessel-corrected). A row with ``s = 0`` (constant row) falls back to
   ``absmax/Q`` and then to 1, so every scale is positive.
 - **GPTQ**: dead columns (``H_jj = 0``) get ``H_jj = 1`` and ``W_:,j = 0``; damping ``λ = damp · mean(diag H)`` on the
-  diagonal; act-order (columns by descending ``diag H``); ``U = chol_upper(H⁻¹)``; columns in blocks of 128, each
+  diagonal; act-order (columns by descending ``diag H``; ascending as PR #1499, or none as #490); ``U =
+  chol_upper(H⁻¹)`` (or ``U = H⁻¹`` itself, ``inverse='plain'``, as #490 and #1499 do); columns in blocks of 128, each
   column rounded ``q = clamp(round(w/s), −Q, Q)`` and its error ``(w − q·s)/U_jj`` pushed onto the remaining columns
   of the block through row j of U, and the block's errors onto all later columns at the end of the block.
 - Values come back as int8 tensors clamped to ±Q and fp16 scales; ``dequantize`` multiplies in fp32 then casts.
@@ -65,10 +66,12 @@ def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> 
 
 @torch.no_grad()
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, k: float, *, block_size: int = 128, damp: float = 0.01,
-                  act_order: bool = True, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  act_order: bool | str = True, scale: Tensor | None = None,
+                  inverse: str = "cholesky") -> tuple[Tensor, Tensor]:
     """GPTQ of ``W`` (N, K) under the input Hessian ``H`` (K, K): returns (int8 values (N, K), fp16 scales (N,)).
 
     ``scale`` overrides the SDClip scales (same shape and meaning). The scales come from the original rows.
+    ``act_order``: 'descending' (or True), 'ascending', 'none' (or False). ``inverse``: 'cholesky' or 'plain'.
     """
     if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"GPTQ needs W (N, K) and H (K, K); got W {tuple(W.shape)} and H {tuple(H.shape)}")
@@ -84,12 +87,16 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, k: float, *, block_size: int 
     if bool(dead.any()):
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
+    order = {True: "descending", False: "none"}.get(act_order, act_order)
+    if order not in ("descending", "ascending", "none") or inverse not in ("cholesky", "plain"):
+        raise ValueError(f"act_order must be descending/ascending/none and inverse cholesky/plain, got "
+                         f"{act_order!r} and {inverse!r}")
     perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    if order != "none":
+        perm = torch.argsort(torch.diagonal(H), descending=order == "descending", stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
-    Hinv = _upper_inverse_cholesky(H, damp)
+    Hinv = _upper_inverse_cholesky(H, damp, plain=inverse == "plain")
     # Work on the transpose (K, N): column j of W is the contiguous row j of Wt.
     Wt = W.t().contiguous()
     qt = torch.zeros(K, N, dtype=torch.float32, device=W.device)
@@ -113,14 +120,17 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, k: float, *, block_size: int 
     return q.to(torch.int8), s16
 
 
-def _upper_inverse_cholesky(H: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); λ grows ×10 if H is not positive definite."""
+def _upper_inverse_cholesky(H: Tensor, damp: float, plain: bool = False) -> Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H) (``plain``: (H + λI)⁻¹ itself); λ grows ×10
+    if H is not positive definite."""
     lam = damp * float(torch.diagonal(H).mean())
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for _ in range(6):
         L, info = torch.linalg.cholesky_ex(H + lam * eye)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            if plain:
+                return Hinv
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return U

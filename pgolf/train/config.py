@@ -52,6 +52,8 @@ class TrainConfig:
     muon_momentum_warmup_steps: int = 1500
     muon_wd: float = 0.095
     muon_row_normalize: bool = True
+    muon_row_orientation: str = "stored"  # MuonEq-R rows of the stored matrix, or of its wide orientation (#1550)
+    muon_aux_matrices: bool = False     # head-gate matrices and the BigramHash projection in Muon (#490, #1499)
     ns_steps: int = 5
     ns_coefficients: str = "polar_express"
     tok_lr: float = 0.03
@@ -62,6 +64,13 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3         # 0 = off
     ema_decay: float = 0.9965           # 0 = off
+    swa_every: int = 0                  # SWA: a snapshot every N steps while the LR multiplier is below swa_threshold
+    swa_threshold: float = 0.5          # (0 = off); at the end their uniform mean replaces the weights (EMA unused)
+    swa_source: str = "weights"         # what is averaged: the live weights, or the EMA weights at each snapshot
+    late_qat_threshold: float = 0.0     # late QAT: fake-quantize from the step the LR multiplier drops below this
+    late_qat_scope: str = "matrices"    # matrices: every Linear the artifact quantizes; aux: bigram/VE projections
+    late_qat_scale_floor: bool = False  # the fake-quant scale is at least 1/Q (the 2026-03 records' CastedLinear)
+    late_qat_in_eval: bool = False      # keep it on outside training mode too (#1499's code; calibration and evals)
     warmup_steps: int = 20              # compile warm-up steps on synthetic tokens (state restored after)
     compile: str = "auto"               # auto (CUDA only) | on | off
     device: str = "auto"                # auto | cpu | cuda
@@ -87,6 +96,18 @@ class TrainConfig:
     gptq_calibration_tokens: int = 0    # tokens per calibration batch per rank (0 = train_batch_tokens / world_size)
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
+    gptq_act_order: str = "descending"  # column order: by descending / ascending diag(H) (#1499), or none (#490)
+    gptq_inverse: str = "cholesky"      # error feedback through chol_upper(H⁻¹), or H⁻¹ itself (#490, #1499)
+    gptq_calibration: str = "train"     # Hessian inputs: training batches, or sequences the model generates (#1550)
+    gptq_generate_temperature: float = 0.8  # sampling temperature of generated calibration sequences
+    quant_matrix_scales: str = "sdclip"  # scale rule of attention/MLP (and other Hessian) matrices: SCALE_RULES
+    quant_embed_scales: str = "sdclip"  # scale rule of the tied embedding
+    quant_embed_gptq: bool = True       # GPTQ the embedding on the head's Hessian (else round to nearest)
+    quant_table_bits: int = 0           # BigramHash / value-embedding tables: bit width (0 = the embedding's)
+    quant_table_scales: str = "embed"   # and scale rule ('embed' = the embedding's)
+    quant_fp16_keep: str = ""           # comma-separated name substrings kept fp16 (#1499: tok_emb,blocks.9.attn.c_k)
+    quant_prune_frac: float = 0.0       # magnitude pruning before GPTQ: zero this fraction of each large 2-D tensor
+    quant_target_bytes: int = 0         # selective ±1 pruning until artifact + code fit this many bytes (0 = off)
     lqer_rank: int = 0                  # LQER low-rank correction rank (0 = off; R6: 4)
     lqer_top: int = 3                   # tensors corrected (largest quantization error)
     artifact_layout: str = "int8"       # int8 (one byte per value, measured smaller) | packed6 (int6 as 4-in-3)
@@ -122,6 +143,8 @@ ENV_NAMES = {
     "QUANT_EMBED_K": "quant_embed_k", "GPTQ_CALIBRATION_BATCHES": "gptq_calibration_batches",
     "GPTQ_CALIBRATION_TOKENS": "gptq_calibration_tokens", "LQER_RANK": "lqer_rank", "LQER_TOP": "lqer_top",
     "ARTIFACT_LAYOUT": "artifact_layout", "CODE_BYTES": "code_bytes",
+    # the founding systems' own names where they mean the same thing
+    "SWA_EVERY": "swa_every", "LATE_QAT_THRESHOLD": "late_qat_threshold", "RECUR_START_STEP": "loop_activate_step",
     # model
     "VOCAB_SIZE": "vocab_size", "NUM_LAYERS": "num_layers", "MODEL_DIM": "model_dim", "NUM_HEADS": "num_heads",
     "NUM_KV_HEADS": "num_kv_heads", "LOGIT_SOFTCAP": "logit_softcap", "ROPE_BASE": "rope_base",
@@ -147,22 +170,29 @@ LOWER_BOUNDS = {  # inclusive
     "scalar_wd": 0, "grad_clip_norm": 0, "warmup_steps": 0, "eval_seq_len": 1, "eval_stride": 0,
     "eval_batch_seqs": 1, "val_loss_every": 0, "val_max_tokens": 0, "train_log_every": 0,
     "quant_passthrough_max": 0, "gptq_calibration_batches": 1, "gptq_calibration_tokens": 0, "gptq_block_size": 1,
-    "lqer_rank": 0, "lqer_top": 0, "code_bytes": 0,
+    "lqer_rank": 0, "lqer_top": 0, "code_bytes": 0, "swa_every": 0, "quant_target_bytes": 0, "loop_activate_step": -1,
     "vocab_size": 2, "num_layers": 1, "model_dim": 1, "num_heads": 1, "num_kv_heads": 1, "mlp_hidden": 1,
     "rope_dims": 0, "rope_train_seq_len": 0, "xsa_last_n": 0, "num_loops": 0, "loop_start": 0, "loop_end": 0,
     "parallel_start": 0, "smear_width": 1, "attn_gate_width": 1, "bigram_buckets": 0, "bigram_dim": 1,
-    "value_embed_dim": 0, "bos_id": 0, "tied_embed_init_std": 0,
+    "value_embed_dim": 0, "bos_id": 0, "tied_embed_init_std": 0, "bigram_init_std": 0,
 }
-POSITIVE = ("adam_eps", "gptq_damp", "rope_base", "logit_softcap", "quant_attn_k", "quant_mlp_k", "quant_embed_k")
+POSITIVE = ("adam_eps", "gptq_damp", "rope_base", "logit_softcap", "quant_attn_k", "quant_mlp_k", "quant_embed_k",
+            "gptq_generate_temperature")
 UNIT_RANGES = {  # (low, high, high included)
     "warmdown_frac": (0.0, 1.0, True), "min_lr": (0.0, 1.0, True), "loop_activate_frac": (0.0, 1.0, True),
     "muon_momentum": (0.0, 1.0, False), "muon_momentum_start": (0.0, 1.0, False), "ema_decay": (0.0, 1.0, False),
+    "swa_threshold": (0.0, 1.0, True), "late_qat_threshold": (0.0, 1.0, True), "quant_prune_frac": (0.0, 1.0, False),
 }
 BIT_WIDTHS = {"quant_attn_bits": (2, 8), "quant_mlp_bits": (2, 8), "quant_embed_bits": (2, 8)}
+SCALE_RULES = ("sdclip", "sdclip_floor", "absmax", "absmax_floor", "percentile", "percentile_search")
 CHOICES = {
     "loader": ("sequential", "shuffled", "packed"), "compile": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda"),
     "quant_method": ("gptq", "rtn", "none"), "artifact_layout": ("int8", "packed6"), "budget_check": ("error", "warn"),
-    "ns_coefficients": ("classic", "polar_express"),
+    "ns_coefficients": ("classic", "polar_express"), "muon_row_orientation": ("stored", "wide"),
+    "swa_source": ("weights", "ema"), "late_qat_scope": ("matrices", "aux"),
+    "gptq_act_order": ("descending", "ascending", "none"), "gptq_inverse": ("cholesky", "plain"),
+    "gptq_calibration": ("train", "generated"), "quant_matrix_scales": SCALE_RULES, "quant_embed_scales": SCALE_RULES,
+    "quant_table_scales": ("embed",) + SCALE_RULES,
 }
 
 
@@ -191,7 +221,7 @@ def resolve(preset: str, env: Mapping[str, str] | None = None,
         model_values["mlp_hidden"] = int(mlp_mult * model_values.get("model_dim", p.model.model_dim))
     check_values({**values, **model_values})
     train = TrainConfig(**values)
-    _rope_follows_train_seq_len(p.model, train, model_values, env)
+    _rope_follows_train_seq_len(p.model, train, model_values, env, p.rope_follows_train_seq_len)
     return train, _model_config(p.model, model_values)
 
 
@@ -219,6 +249,7 @@ def validate(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int | None = No
     if cfg.lqer_rank and not cfg.lqer_top:
         raise ConfigError(f"{setting_name('lqer_rank')} {cfg.lqer_rank} corrects no tensor with "
                           f"{setting_name('lqer_top')} 0; set lqer_top >= 1, or lqer_rank 0 for no LQER")
+    _check_training_elements(cfg)
     if any(not 0 <= i < model_cfg.num_layers for i in model_cfg.value_embed_layers):
         raise ConfigError(f"{setting_name('value_embed_layers')} {list(model_cfg.value_embed_layers)} must be "
                           f"layers in 0..{model_cfg.num_layers - 1}")
@@ -232,6 +263,28 @@ def validate(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int | None = No
                               f"(torch {torch.__version__}); use --device cpu or auto")
 
 
+def _check_training_elements(cfg: TrainConfig) -> None:
+    """The SWA, late-QAT and quantization settings that need another one to mean anything."""
+    if cfg.swa_source == "ema" and cfg.swa_every and not cfg.ema_decay:
+        raise ConfigError(f"{setting_name('swa_source')} ema averages EMA weights, but {setting_name('ema_decay')} "
+                          f"is 0 (no EMA); use swa_source weights or an EMA decay")
+    if cfg.swa_every and not cfg.swa_threshold:
+        raise ConfigError(f"{setting_name('swa_every')} {cfg.swa_every} never takes a snapshot with "
+                          f"{setting_name('swa_threshold')} 0 (the LR multiplier is never below 0)")
+    if cfg.late_qat_in_eval and not cfg.late_qat_threshold:
+        raise ConfigError(f"{setting_name('late_qat_in_eval')} keeps late QAT on in eval, but late QAT is off "
+                          f"({setting_name('late_qat_threshold')} 0)")
+    if cfg.quant_method == "none" and (cfg.quant_target_bytes or cfg.quant_prune_frac):
+        raise ConfigError(f"{setting_name('quant_target_bytes')} / {setting_name('quant_prune_frac')} prune the "
+                          f"artifact, but {setting_name('quant_method')} is none (no artifact)")
+    if cfg.quant_table_bits and not 2 <= cfg.quant_table_bits <= 8:
+        raise ConfigError(f"{setting_name('quant_table_bits')} must be 0 (the embedding's) or a bit width in 2..8, "
+                          f"got {cfg.quant_table_bits}")
+    if cfg.quant_method == "rtn" and cfg.gptq_calibration == "generated":
+        raise ConfigError(f"{setting_name('gptq_calibration')} generated feeds GPTQ, but "
+                          f"{setting_name('quant_method')} is rtn (no calibration)")
+
+
 def check_values(values: Mapping[str, Any]) -> None:
     """Each value's type and its rule (bounds, range, bit width, allowed values); ConfigError names the flag."""
     for name, v in values.items():
@@ -240,13 +293,11 @@ def check_values(values: Mapping[str, Any]) -> None:
             raise ConfigError(f"unknown setting {name!r}")
         _check_type(name, str(f.type), v)
         _check_rule(name, v)
-    choices = {"parallel_residual": "PARALLEL_MODES", "smear_gate": "SMEAR_MODES", "attn_gate": "ATTN_GATES",
-               "init": "INITS", "rope_tables": "ROPE_TABLES"}
-    import pgolf.model.config as mc
+    from pgolf.model.config import CHOICES as MODEL_CHOICES
 
-    for name, table in choices.items():
-        if name in values and values[name] not in getattr(mc, table):
-            raise ConfigError(_one_of(name, values[name], getattr(mc, table)))
+    for name, allowed in MODEL_CHOICES.items():
+        if name in values and values[name] not in allowed:
+            raise ConfigError(_one_of(name, values[name], allowed))
 
 
 def check_paths(cfg: TrainConfig, need: tuple[str, ...] = ("data_path", "tokenizer_path", "run_dir")) -> None:
@@ -415,14 +466,15 @@ def _model_config(base: GPTConfig, model_values: dict[str, Any]) -> GPTConfig:
 
 
 def _rope_follows_train_seq_len(preset_model: GPTConfig, train: TrainConfig, model_values: dict[str, Any],
-                                env: Mapping[str, str]) -> None:
+                                env: Mapping[str, str], follows: bool = True) -> None:
     """The records scale RoPE by TRAIN_SEQ_LEN: their ROPE_TRAIN_SEQ_LEN is read but never used.
 
     So a preset with the NTK rescale on (rope_train_seq_len > 0) takes the run's train_seq_len unless
     ``--rope-train-seq-len`` says otherwise; a ROPE_TRAIN_SEQ_LEN other than TRAIN_SEQ_LEN, which a record would
-    ignore, is an error rather than a silent no-op.
+    ignore, is an error rather than a silent no-op. The founding presets (``follows`` False) keep their scripts'
+    hard-coded length (1024).
     """
-    if "rope_train_seq_len" not in model_values and preset_model.rope_train_seq_len:
+    if "rope_train_seq_len" not in model_values and preset_model.rope_train_seq_len and follows:
         model_values["rope_train_seq_len"] = train.train_seq_len
     ignored = env.get("ROPE_TRAIN_SEQ_LEN", "")
     if ignored and _parse("rope_train_seq_len", ignored, source="ROPE_TRAIN_SEQ_LEN") != train.train_seq_len:

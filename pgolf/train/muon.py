@@ -3,7 +3,8 @@
 For each matrix W with gradient G (already averaged across ranks) one step is
 
     B ← μB + G;  U = G + μB (Nesterov) or U = B;
-    U_i ← U_i / max(‖U_i‖₂, 1e-7) per row (MuonEq-R, optional);
+    U_i ← U_i / max(‖U_i‖₂, 1e-7) per row (MuonEq-R, optional; 'wide' orientation: per row of the wide
+        orientation, i.e. per column of a tall matrix, as PR #1550 normalizes after its Newton-Schulz transpose);
     X = NS(U)  (quintic Newton-Schulz, ≈ the orthogonal polar factor of U);
     W ← W·(1 − lr·wd);  W ← W − lr·sqrt(max(1, rows/cols))·X.
 
@@ -78,14 +79,16 @@ class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters; see the module docstring for the update.
 
     Per-group options: lr, momentum (μ), nesterov, weight_decay (decoupled, scaled by lr), row_normalize
-    (MuonEq-R), ns_steps, ns_coefficients ('classic', 'polar_express' or explicit triples). The momentum buffer
+    (MuonEq-R), row_orientation ('stored' or 'wide'), ns_steps, ns_coefficients ('classic', 'polar_express' or
+    explicit triples). The momentum buffer
     ``state[p]['momentum_buffer']`` has p's dtype and exists only on the rank that owns p. ``process_group``
     (default: the world) is the group the Newton-Schulz work is split over when torch.distributed is initialized.
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, row_normalize: bool = False, ns_steps: int = 5,
-                 ns_coefficients: str | Sequence[Sequence[float]] = "classic", process_group=None):
+                 ns_coefficients: str | Sequence[Sequence[float]] = "classic", process_group=None,
+                 row_orientation: str = "stored"):
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"Muon lr must be a number >= 0, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
@@ -95,8 +98,11 @@ class Muon(torch.optim.Optimizer):
         if int(ns_steps) != ns_steps or ns_steps < 1:
             raise ValueError(f"Muon ns_steps must be a positive integer, got {ns_steps!r}")
         _resolve_coefficients(ns_coefficients)
+        if row_orientation not in ("stored", "wide"):
+            raise ValueError(f"Muon row_orientation must be 'stored' or 'wide', got {row_orientation!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=bool(nesterov), weight_decay=weight_decay,
-                        row_normalize=bool(row_normalize), ns_steps=int(ns_steps), ns_coefficients=ns_coefficients)
+                        row_normalize=bool(row_normalize), ns_steps=int(ns_steps), ns_coefficients=ns_coefficients,
+                        row_orientation=row_orientation)
         super().__init__(params, defaults)
         self.process_group = process_group
         for group in self.param_groups:
@@ -184,7 +190,8 @@ class Muon(torch.optim.Optimizer):
         else:
             U = torch.stack(bufs)
         if group["row_normalize"]:
-            U = U / U.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            wide_cols = group.get("row_orientation") == "wide" and U.shape[-2] > U.shape[-1]
+            U = U / U.norm(dim=-2 if wide_cols else -1, keepdim=True).clamp_min(1e-7)
         coeffs = _resolve_coefficients(group["ns_coefficients"])
         return pgolf.kernels.newton_schulz(U, coeffs, steps=group["ns_steps"], dtype=self._ns_dtype(U))
 

@@ -77,7 +77,7 @@ class Optimizers:
 def build_optimizers(groups: dict[str, list[tuple[str, nn.Parameter]]], *, matrix_lr: float, muon_momentum: float,
                      muon_wd: float, row_normalize: bool, ns_steps: int, ns_coefficients, tok_lr: float,
                      tok_wd: float, scalar_lr: float, scalar_wd: float, betas: tuple[float, float],
-                     eps: float) -> Optimizers:
+                     eps: float, row_orientation: str = "stored") -> Optimizers:
     """Muon over groups['muon'], one AdamW with param groups 'tok' and 'scalar'; empty groups are skipped.
 
     groups: {'muon' | 'tok' | 'scalar': [(name, param), ...]} (missing keys count as empty). Muon params must be
@@ -99,7 +99,7 @@ def build_optimizers(groups: dict[str, list[tuple[str, nn.Parameter]]], *, matri
     if muon_params:
         muon = Muon([{"params": muon_params, "name": "muon", "base_lr": matrix_lr}], lr=matrix_lr,
                     momentum=muon_momentum, nesterov=True, weight_decay=muon_wd, row_normalize=row_normalize,
-                    ns_steps=ns_steps, ns_coefficients=ns_coefficients)
+                    ns_steps=ns_steps, ns_coefficients=ns_coefficients, row_orientation=row_orientation)
     adam_groups = []
     for gname, lr, wd in (("tok", tok_lr, tok_wd), ("scalar", scalar_lr, scalar_wd)):
         ps = [p for _, p in groups.get(gname, [])]

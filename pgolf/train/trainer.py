@@ -7,14 +7,16 @@ by one:
    one is refused unless ``force``) and its log opened. Nothing is written before all of this passed.
 2. :func:`train_loop`: one process per device (``torchrun --nproc_per_node=N``; NCCL on GPU, gloo on CPU). Each step
    reads ``train_batch_tokens / world_size`` tokens per rank in ``grad_accum`` micro-batches, all-reduces the
-   gradients in one flat buffer, clips, steps Muon and AdamW and updates the EMA. The stop decision, the loop switch
-   and the LR schedule read one elapsed-time fraction agreed by an all-reduce(MAX). Validation time is excluded
-   from the clock; a non-finite loss stops the run naming the step and the last good values.
-3. :func:`save_trained`: the EMA weights go to ``final_model.pt`` and ``summary.json`` says "trained, evals
+   gradients in one flat buffer, clips, steps Muon and AdamW and updates the EMA (and the SWA sum). The stop
+   decision, the loop switch (by fraction, or at a step), late QAT and the LR schedule read one elapsed-time
+   fraction agreed by an all-reduce(MAX). Validation time is excluded from the clock; a non-finite loss stops the
+   run naming the step and the last good values. At the end the SWA mean, else the EMA, replaces the weights, and
+   late QAT goes off (unless ``late_qat_in_eval``).
+3. :func:`save_trained`: the final weights go to ``final_model.pt`` and ``summary.json`` says "trained, evals
    pending" before anything else can fail; from here on a failure or Ctrl-C is recorded in the summary and the log
    with the commands that finish the run from the checkpoint.
-4. :func:`calibrate`: GPTQ Hessians on training batches; their time is training time (the loop stopped at
-   cap − gptq_reserve_seconds; a loud warning if the sum passes the cap).
+4. :func:`calibrate`: GPTQ Hessians on training batches (or on sequences the model generates); their time is
+   training time (the loop stopped at cap − gptq_reserve_seconds; a loud warning if the sum passes the cap).
 5. :func:`final_evals`: the pre-quant model on the validation set (``final ...`` lines).
 6. :func:`write_artifact`: rank 0 quantizes and writes ``final_model.pgq`` atomically (its header records the
    tokenizer's fingerprint and the model config; the summary its size and SHA-256); every rank rebuilds the model
@@ -50,7 +52,9 @@ from pgolf.model.gpt import GPT
 from pgolf.train.config import TrainConfig, check_paths, setting_name, validate
 from pgolf.train.ema import EMA
 from pgolf.train.optim import build_optimizers
+from pgolf.train.qat import qat_targets
 from pgolf.train.schedule import WallClock, lr_multiplier, lr_multiplier_iters, muon_momentum
+from pgolf.train.swa import SWA
 from pgolf.utils import atomic_torch_save, atomic_write_json
 
 CHECKPOINT = "final_model.pt"
@@ -88,6 +92,8 @@ class Run:
     val_tokens: torch.Tensor
     phase: str = "setup"
     summary: dict[str, Any] = field(default_factory=dict)
+    measured_code_bytes: int | None = None
+    code_digest: str | None = None
 
     @property
     def autocast_dtype(self):
@@ -103,6 +109,8 @@ class Trained:
     tokens: int = 0
     train_ms: float = 0.0
     loop_on_step: int | None = None
+    qat_on_step: int | None = None
+    swa: SWA | None = None
     peak_mem_mib: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -204,16 +212,20 @@ def train_loop(run: Run) -> Trained:
     cfg, ctx, model_cfg = run.cfg, run.ctx, run.model_cfg
     run.phase = "train"
     model = GPT(model_cfg).to(ctx.device)
-    opt = build_optimizers(model.optimizer_groups(), matrix_lr=cfg.matrix_lr, muon_momentum=cfg.muon_momentum,
-                           muon_wd=cfg.muon_wd, row_normalize=cfg.muon_row_normalize, ns_steps=cfg.ns_steps,
-                           ns_coefficients=cfg.ns_coefficients, tok_lr=cfg.tok_lr, tok_wd=cfg.tok_wd,
-                           scalar_lr=cfg.scalar_lr, scalar_wd=cfg.scalar_wd, betas=tuple(cfg.betas), eps=cfg.adam_eps)
+    opt = build_optimizers(model.optimizer_groups(cfg.muon_aux_matrices), matrix_lr=cfg.matrix_lr,
+                           muon_momentum=cfg.muon_momentum, muon_wd=cfg.muon_wd, row_normalize=cfg.muon_row_normalize,
+                           ns_steps=cfg.ns_steps, ns_coefficients=cfg.ns_coefficients, tok_lr=cfg.tok_lr,
+                           tok_wd=cfg.tok_wd, scalar_lr=cfg.scalar_lr, scalar_wd=cfg.scalar_wd, betas=tuple(cfg.betas),
+                           eps=cfg.adam_eps, row_orientation=cfg.muon_row_orientation)
     micro_step, next_micro, use_compile = _step_functions(run, model)
     run.log(f"run_id:{run.run_id} preset:{cfg.preset} params:{model.num_params()} world_size:{ctx.world_size} "
             f"grad_accum:{cfg.grad_accum(ctx.world_size)} device:{ctx.device} compile:{use_compile} "
             f"train_files:{len(run.train_files)} val_tokens:{run.val_tokens.numel() - 1}")
     run.log("config: " + json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, sort_keys=True),
             console=False)
+    if ctx.device.type == "cuda":
+        for line in model.kernel_fallbacks():
+            run.log(f"kernels: {line}")
     if cfg.warmup_steps > 0:
         compile_warmup(cfg, model, opt, micro_step, _local_tokens(run), cfg.grad_accum(ctx.world_size), ctx, run.log)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -221,7 +233,7 @@ def train_loop(run: Run) -> Trained:
                       sync=torch.cuda.synchronize if ctx.device.type == "cuda" else None)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
-    t = Trained(model)
+    t = Trained(model, swa=SWA(cfg.swa_every, cfg.swa_threshold, cfg.swa_source) if cfg.swa_every else None)
     agreed_frac = 0.0  # the elapsed-time fraction all ranks agreed on after the previous step
     last_good: dict[str, Any] = {}
     clock.start()
@@ -230,6 +242,8 @@ def train_loop(run: Run) -> Trained:
         train_loss = _one_step(run, model, opt, ema, micro_step, next_micro)
         t.steps += 1
         t.tokens += cfg.train_batch_tokens
+        if t.swa is not None and t.swa.due(t.steps, mult):
+            t.swa.add(t.steps, model, ema)
         agreed_frac, stop, bad = _agree(run, clock, train_loss)
         if bad:
             raise TrainingDiverged(f"training loss became non-finite at step {t.steps} (lr multiplier {mult:.4f}); "
@@ -249,11 +263,26 @@ def train_loop(run: Run) -> Trained:
     if ctx.device.type == "cuda":
         t.peak_mem_mib = torch.cuda.max_memory_allocated(ctx.device) // 2**20
         run.log(f"peak memory allocated: {t.peak_mem_mib} MiB")
-    if ema is not None:
-        ema.copy_to(model)
-    if model_cfg.num_loops:
+    _final_weights(run, t, ema)
+    if not cfg.late_qat_in_eval:
+        model.set_fake_quant(None)  # calibration and every eval see the real weights
+    if model_cfg.has_recurrence:
         model.looping_active = True  # looping stays on for calibration and every eval
     return t
+
+
+def _final_weights(run: Run, t: Trained, ema) -> None:
+    """The SWA mean when SWA took snapshots, else the EMA weights, replace the trained weights (logged)."""
+    if t.swa is not None and t.swa.count:
+        t.swa.copy_to(t.model)
+        run.log(f"swa: applied the mean of {t.swa.count} {t.swa.source} snapshots (every {t.swa.every} steps from "
+                f"step {t.swa.first_step}){'; EMA not applied' if ema is not None else ''}")
+        return
+    if t.swa is not None:
+        run.log(f"swa: no snapshot (the LR multiplier never fell below {t.swa.threshold:g} on a multiple of "
+                f"{t.swa.every}); {'EMA weights' if ema is not None else 'final weights'} kept")
+    if ema is not None:
+        ema.copy_to(t.model)
 
 
 def _local_tokens(run: Run) -> int:
@@ -291,10 +320,12 @@ def _step_functions(run: Run, model: GPT):
 
 
 def _schedule(run: Run, t: Trained, opt, agreed_frac: float, clock: WallClock) -> float:
-    """Switch the loop on at its fraction and set this step's LR multiplier and Muon momentum; returns the former."""
-    cfg, model = run.cfg, t.model
+    """Switch the loop on (at its fraction or step), set this step's LR multiplier and Muon momentum, and switch
+    late QAT on once the multiplier is below its threshold; returns the multiplier."""
+    cfg, model, mc = run.cfg, t.model, run.model_cfg
     frac = agreed_frac if cfg.max_wallclock_seconds else t.steps / max(1, cfg.iterations)
-    if run.model_cfg.num_loops and not model.looping_active and frac >= run.model_cfg.loop_activate_frac:
+    due = t.steps >= mc.loop_activate_step if mc.loop_activate_step >= 0 else frac >= mc.loop_activate_frac
+    if mc.has_recurrence and not model.looping_active and due:
         model.looping_active = True
         t.loop_on_step = t.steps
         run.log(f"step:{t.steps} looping:on frac:{frac:.3f}")
@@ -302,14 +333,25 @@ def _schedule(run: Run, t: Trained, opt, agreed_frac: float, clock: WallClock) -
         mult = lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
     elif cfg.warmdown_iters > 0:
         elapsed = agreed_frac * clock.budget_ms if clock.budget_ms else clock.elapsed_ms  # same on every rank
-        mult = lr_multiplier_iters(t.steps, elapsed, cfg.max_wallclock_seconds * 1000 or None, cfg.warmdown_iters,
-                                   cfg.iterations)
+        mult = lr_multiplier_iters(t.steps, elapsed, clock.budget_ms, cfg.warmdown_iters, cfg.iterations)
     else:
         mult = 1.0
+    if cfg.late_qat_threshold > 0 and t.qat_on_step is None and mult < cfg.late_qat_threshold:
+        _late_qat_on(run, t, mult)
     opt.set_lr_multiplier(mult)
     opt.set_muon_momentum(muon_momentum(t.steps, cfg.muon_momentum_start, cfg.muon_momentum,
                                         cfg.muon_momentum_warmup_steps))
     return mult
+
+
+def _late_qat_on(run: Run, t: Trained, mult: float) -> None:
+    cfg = run.cfg
+    targets = qat_targets(t.model, cfg.late_qat_scope, passthrough_max=cfg.quant_passthrough_max,
+                          attn_bits=cfg.quant_attn_bits, mlp_bits=cfg.quant_mlp_bits)
+    t.model.set_fake_quant(targets, floor=cfg.late_qat_scale_floor, in_eval=cfg.late_qat_in_eval)
+    t.qat_on_step = t.steps
+    run.log(f"step:{t.steps} late_qat:on lr_mult:{mult:.4f} layers:{len(targets)} scope:{cfg.late_qat_scope}"
+            f"{' (stays on in eval)' if cfg.late_qat_in_eval else ''}")
 
 
 def _one_step(run: Run, model: GPT, opt, ema, micro_step, next_micro) -> torch.Tensor:
@@ -380,7 +422,8 @@ def _base_summary(run: Run, t: Trained) -> dict[str, Any]:
                 steps=t.steps, train_time_ms=round(t.train_ms, 1), train_loop_ms=round(t.train_ms, 1),
                 calibration_s=0.0, over_cap=False, step_avg_ms=round(t.train_ms / max(t.steps, 1), 3),
                 tokens=t.tokens, tokens_per_s=round(t.tokens / max(t.train_ms, 1e-9) * 1000, 1),
-                loop_on_step=t.loop_on_step, peak_mem_mib=t.peak_mem_mib, eval_time_s=None, val_loss=None,
+                loop_on_step=t.loop_on_step, late_qat_on_step=t.qat_on_step,
+                swa_snapshots=t.swa.count if t.swa is not None else None, peak_mem_mib=t.peak_mem_mib, eval_time_s=None, val_loss=None,
                 val_bpb=None, val=None, sliding=None, artifact=None, history=t.history, device=str(ctx.device),
                 torch=torch.__version__, tokenizer=run.tokenizer, config=cfg.to_dict(), model=run.model_cfg.to_dict())
 
@@ -393,16 +436,13 @@ def calibrate(run: Run, t: Trained) -> tuple[dict | None, int, float]:
     run.phase = "gptq_calibration"
     hessians, n_cal, calib_s = None, 0, 0.0
     if cfg.quant_method == "gptq":
-        from pgolf.quant.calibrate import calibration_batches, timed_calibration
+        from pgolf.quant.calibrate import timed_calibration
 
-        cal_tokens = cfg.gptq_calibration_tokens or cfg.train_batch_tokens // ctx.world_size
-        batches = calibration_batches(run.train_files, cfg.train_seq_len, cal_tokens, cfg.gptq_calibration_batches,
-                                      rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
-                                      vocab_size=run.model_cfg.vocab_size)
+        batches, what, gen_s = _calibration_inputs(run, t)
         hessians, n_cal, calib_s = timed_calibration(t.model, batches, device=ctx.device,
                                                      autocast_dtype=run.autocast_dtype)
-        run.log(f"gptq_calibration: {len(hessians)} hessians from {cfg.gptq_calibration_batches} batches x "
-                f"{cal_tokens // cfg.train_seq_len * cfg.train_seq_len} training tokens per rank in {calib_s:.2f}s "
+        calib_s += gen_s
+        run.log(f"gptq_calibration: {len(hessians)} hessians from {what} per rank in {calib_s:.2f}s "
                 f"(reserve {cfg.gptq_reserve_seconds:.1f}s); train_time with calibration: "
                 f"{t.train_ms + 1000 * calib_s:.0f}ms")
     total_ms = t.train_ms + 1000 * calib_s
@@ -416,6 +456,30 @@ def calibrate(run: Run, t: Trained) -> tuple[dict | None, int, float]:
                 f"gptq_calibration_batches (now {cfg.gptq_calibration_batches}). This run is NOT compliant.")
         run.log("!" * 100)
     return hessians, n_cal, calib_s
+
+
+def _calibration_inputs(run: Run, t: Trained):
+    """(calibration batches, what they are, seconds spent making them): training batches, or sequences the model
+    generates itself (PR #1550; the same seed on every rank, as the record)."""
+    from pgolf.quant.calibrate import calibration_batches, generated_batches
+
+    cfg, ctx = run.cfg, run.ctx
+    if cfg.gptq_calibration == "generated":
+        sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        seqs = generated_batches(t.model, cfg.gptq_calibration_batches, cfg.train_seq_len,
+                                 temperature=cfg.gptq_generate_temperature, seed=cfg.seed, device=ctx.device,
+                                 autocast_dtype=run.autocast_dtype)
+        sync()
+        return seqs, (f"{len(seqs)} generated sequences x {cfg.train_seq_len} tokens (temperature "
+                      f"{cfg.gptq_generate_temperature:g})"), time.perf_counter() - t0
+    cal_tokens = cfg.gptq_calibration_tokens or cfg.train_batch_tokens // ctx.world_size
+    batches = calibration_batches(run.train_files, cfg.train_seq_len, cal_tokens, cfg.gptq_calibration_batches,
+                                  rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
+                                  vocab_size=run.model_cfg.vocab_size)
+    return batches, (f"{cfg.gptq_calibration_batches} batches x "
+                     f"{cal_tokens // cfg.train_seq_len * cfg.train_seq_len} training tokens"), 0.0
 
 
 # ---- 5. the post-training evals ---------------------------------------------------------------------------------
@@ -491,13 +555,19 @@ def write_artifact(run: Run, model: GPT, hessians, n_cal: int,
 
 def _quantize_and_save(run: Run, model: GPT, hessians, n_cal: int, path: Path) -> None:
     from pgolf.quant.artifact import save_artifact
-    from pgolf.quant.quantize import QuantSettings, quantize_state
+    from pgolf.quant.quantize import QuantSettings, quantize_for_artifact
 
     cfg, t0 = run.cfg, time.perf_counter()
-    qm = quantize_state(model.state_dict(), hessians, QuantSettings.from_train_config(cfg),
-                        model_config=run.model_cfg.to_dict(), layout=cfg.artifact_layout,
-                        meta={"n_cal": n_cal, "eval_seq_len": cfg.eval_seq_len, "eval_stride": cfg.eval_stride},
-                        log=run.log)
+    meta: dict[str, Any] = {"n_cal": n_cal, "eval_seq_len": cfg.eval_seq_len, "eval_stride": cfg.eval_stride}
+    if cfg.late_qat_threshold:
+        meta["late_qat"] = {"threshold": cfg.late_qat_threshold, "scope": cfg.late_qat_scope,
+                            "floor": cfg.late_qat_scale_floor, "in_eval": cfg.late_qat_in_eval}
+    if cfg.late_qat_in_eval and model.fake_quant_targets():
+        meta["fake_quant_in_eval"] = {"targets": model.fake_quant_targets(), "floor": cfg.late_qat_scale_floor}
+    qm = quantize_for_artifact(model.state_dict(), hessians, QuantSettings.from_train_config(cfg),
+                               code_bytes=_code_bytes(run) if cfg.quant_target_bytes else 0,
+                               model_config=run.model_cfg.to_dict(), layout=cfg.artifact_layout, meta=meta,
+                               log=run.log)
     qm.tokenizer = run.tokenizer
     nbytes = save_artifact(path, qm)
     run.log(f"artifact: {path} {nbytes:,} bytes (layout {cfg.artifact_layout}) written in "
@@ -512,7 +582,9 @@ def _size_and_budget(run: Run, path: Path, art: dict[str, Any]) -> Exception | N
 
     blob = path.read_bytes()
     rows = artifact_size_table(blob)
-    code_bytes = run.cfg.code_bytes or _measure_code_bytes(run, art)
+    code_bytes = _code_bytes(run)
+    if run.code_digest:
+        art["code_digest"] = run.code_digest
     run.log("size table:\n" + format_size_table(rows, code_bytes))
     art.update(bytes_model=len(blob), sha256=hashlib.sha256(blob).hexdigest(), bytes_code=code_bytes,
                bytes_total=len(blob) + code_bytes, budget=BUDGET_BYTES,
@@ -531,17 +603,22 @@ def _size_and_budget(run: Run, path: Path, art: dict[str, Any]) -> Exception | N
     return over
 
 
-def _measure_code_bytes(run: Run, art: dict[str, Any]) -> int:
-    try:
-        from pgolf.quant.bundle import measure_code_bytes, sources_digest
+def _code_bytes(run: Run) -> int:
+    """The counted code bytes: ``code_bytes`` when set, else the pgolf-pack bundle of this configuration (measured
+    once per run)."""
+    if run.cfg.code_bytes:
+        return run.cfg.code_bytes
+    if run.measured_code_bytes is None:
+        try:
+            from pgolf.quant.bundle import measure_code_bytes, sources_digest
 
-        n = measure_code_bytes(run.cfg, run.model_cfg)
-        art["code_digest"] = sources_digest()
-        return n
-    except Exception as e:  # never lose a finished run over the code-size estimate
-        run.log(f"WARNING: could not measure the code bytes of the pgolf-pack bundle ({type(e).__name__}: {e}); "
-                f"counting 0")
-        return 0
+            run.measured_code_bytes = measure_code_bytes(run.cfg, run.model_cfg)
+            run.code_digest = sources_digest()
+        except Exception as e:  # never lose a finished run over the code-size estimate
+            run.log(f"WARNING: could not measure the code bytes of the pgolf-pack bundle ({type(e).__name__}: {e}); "
+                    f"counting 0")
+            run.measured_code_bytes = 0
+    return run.measured_code_bytes
 
 
 # ---- the end: complete, or failed with what is kept and how to finish ----------------------------------------
@@ -596,6 +673,9 @@ def resume_commands(run: Run) -> list[str]:
 _QUANT_FIELDS = ("quant_method", "quant_attn_bits", "quant_attn_k", "quant_mlp_bits", "quant_mlp_k", "quant_embed_bits",
                  "quant_embed_k", "quant_gate_int8", "quant_passthrough_max", "gptq_calibration_batches",
                  "gptq_calibration_tokens", "gptq_block_size", "gptq_damp", "lqer_rank", "lqer_top", "artifact_layout",
+                 "gptq_act_order", "gptq_inverse", "gptq_calibration", "gptq_generate_temperature",
+                 "quant_matrix_scales", "quant_embed_scales", "quant_embed_gptq", "quant_table_bits",
+                 "quant_table_scales", "quant_fp16_keep", "quant_prune_frac", "quant_target_bytes",
                  "train_seq_len", "train_batch_tokens", "eval_seq_len", "eval_stride", "val_max_tokens", "seed")
 
 
@@ -625,7 +705,7 @@ def compile_warmup(cfg: TrainConfig, model: GPT, opt, micro_step, local_tokens: 
     model_state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(opt.state_dict())
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    modes = [False, True] if model.config.num_loops else [False]
+    modes = [False, True] if model.config.has_recurrence else [False]
     for looping in modes:
         model.looping_active = looping
         for _ in range(cfg.warmup_steps):
