@@ -28,7 +28,8 @@ from torch import Tensor
 
 from pgolf.model.config import ROPE_TABLES, GPTConfig
 from pgolf.model.gpt import GPT
-from pgolf.model.records import BANKED, PER_LAYER, RECORDS, Record, get_record, records_of
+from pgolf.model.records import (BANKED, EARLY_BANKED, EARLY_PER_LAYER, PER_LAYER, RECORDS, Record, get_record,
+                                 records_of)
 
 
 class UnsupportedElementError(ValueError):
@@ -69,7 +70,7 @@ def load_checkpoint(path: str | os.PathLike, record: str | None = None, *,
         c = convert_state_dict(state, record, env=env, **overrides)
     model = GPT(c.config)
     model.load_state_dict(c.state_dict, strict=True)
-    model.looping_active = c.config.num_loops > 0
+    model.looping_active = c.config.has_recurrence
     return Loaded(model.eval(), c.config, c.family, c.record)
 
 
@@ -78,19 +79,28 @@ def convert_state_dict(state: Mapping[str, Tensor], record: str | None = None, *
     """A record state dict in pgolf's terms; settings: script defaults < record's run < ``env`` < ``overrides``."""
     family = identify({_strip(k): v for k, v in state.items()})
     env = dict(os.environ if env is None else env)
-    rec = _choose_record(family, record, env)
+    rec = _choose_record(family, record, env, state)
     settings = {**(rec.run_env if rec else {}), **env}
+    if family in (EARLY_PER_LAYER, EARLY_BANKED):
+        from pgolf.model.convert_founding import convert_founding_state_dict
+
+        config, sd = convert_founding_state_dict(_fp32_stripped(state), rec, settings, read_env=_read_env, **overrides)
+        _check_skips(config, sd, "RECUR_LAYERS / the run's layout")
+        check_state_dict(config, sd)
+        return Converted(config, sd, family, rec)
     convert = convert_r3_state_dict if family == PER_LAYER else convert_banked_state_dict
     config, sd = convert(state, settings, **overrides)
     return Converted(config, sd, family, rec)
 
 
 def identify(sd: Mapping[str, Any]) -> str:
-    """The family of a prefix-stripped record state dict: PER_LAYER (2026-04-09) or BANKED (2026-04-27 lineage)."""
+    """The family of a prefix-stripped record state dict: PER_LAYER (2026-04-09), BANKED (2026-04-27 lineage), or
+    the founding systems' EARLY_PER_LAYER (#490, #1499) and EARLY_BANKED (#1148, #1406, #1550): ``smear.gate``."""
+    early = "smear.gate" in sd
     if "qo_bank" in sd:
-        return BANKED
+        return EARLY_BANKED if early else BANKED
     if "blocks.0.attn.c_q.weight" in sd:
-        return PER_LAYER
+        return EARLY_PER_LAYER if early else PER_LAYER
     raise ValueError(f"not a checkpoint of a supported record (no 'qo_bank' and no 'blocks.0.attn.c_q.weight'; "
                      f"{len(sd)} keys, e.g. {sorted(sd)[:5]}); supported: "
                      + ", ".join(f"{r.name} ({r.folder})" for r in RECORDS.values()))
@@ -271,8 +281,10 @@ def _read_state(path: Path) -> dict[str, Any]:
     return dict(state)
 
 
-def _choose_record(family: str, name: str | None, env: Mapping[str, str]) -> Record | None:
-    """The named record (checked against the family), the family's only record, or None when settings decide."""
+def _choose_record(family: str, name: str | None, env: Mapping[str, str],
+                   state: Mapping[str, Any] | None = None) -> Record | None:
+    """The named record (checked against the family), the family's only record, a founding record its keys show,
+    or None when settings decide."""
     if name is not None:
         rec = get_record(name)
         if rec.family != family:
@@ -281,12 +293,25 @@ def _choose_record(family: str, name: str | None, env: Mapping[str, str]) -> Rec
     candidates = records_of(family)
     if len(candidates) == 1:
         return candidates[0]
+    if family in (EARLY_PER_LAYER, EARLY_BANKED):
+        return _founding_record(family, {_strip(k) for k in (state or {})})
     if "SPARSE_ATTN_GATE_SCALE" not in env:
         runs = ", ".join(f"{r.name} {r.run_env.get('SPARSE_ATTN_GATE_SCALE', '1.0')}" for r in candidates)
         raise AmbiguousRecordError("a banked 2026-04-27-lineage state dict does not say which run it is from, and "
                                    f"the runs used different SPARSE_ATTN_GATE_SCALE ({runs}); pass record=NAME "
                                    "(--record) or set SPARSE_ATTN_GATE_SCALE as the run did")
     return None
+
+
+def _founding_record(family: str, keys: set[str]) -> Record:
+    """#1499 (hidden_gain) or #490; #1550 (lane_merge) or else #1148 / #1406, which only the run can tell apart."""
+    if family == EARLY_PER_LAYER:
+        return get_record("pr1499" if "blocks.0.mlp.hidden_gain" in keys else "pr490")
+    if "lane_merge" in keys:
+        return get_record("pr1550")
+    raise AmbiguousRecordError("a banked 2026-03/04 state dict without lanes is PR #1148's or #1406's (the same "
+                               "tensors; #1406 runs blocks 4,5 again after the last one): pass record='pr1148' or "
+                               "'pr1406' (--record)")
 
 
 def _strip(key: str) -> str:

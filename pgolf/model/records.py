@@ -5,8 +5,10 @@ and a few switches live in the script's defaults and the run's environment varia
 carries the model-relevant part of its run command (from its README and the ``Hyperparameters`` block of its
 logs). :mod:`pgolf.model.convert` reads these, then the caller's environment, then explicit overrides.
 
-Two families: ``per_layer`` (the 2026-04-09 record, PR #1493: one ``CastedLinear`` per matrix) and
-``banked`` (the 2026-04-27 lineage: ``qo_bank``, ``kv_bank``, ``mlp_up_bank``, ``mlp_down_bank``).
+Four families: ``per_layer`` (the 2026-04-09 record, PR #1493: one ``CastedLinear`` per matrix), ``banked`` (the
+2026-04-27 lineage: ``qo_bank``, ``kv_bank``, ``mlp_up_bank``, ``mlp_down_bank``), and the founding systems' two:
+``early_per_layer`` (PRs #490 and #1499) and ``early_banked`` (#1148, #1406, #1550), told apart from the later
+ones by their ``smear.gate`` SmearGate. Each founding record names its pgolf preset (``preset``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 PER_LAYER, BANKED = "per_layer", "banked"
+EARLY_PER_LAYER, EARLY_BANKED = "early_per_layer", "early_banked"
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Record:
     run_env: Mapping[str, str] = field(default_factory=dict)
     caseops: bool = False           # CaseOps tokenizer: ids 0-7 reserved, val bytes from fineweb_val_bytes_*.bin
     aliases: tuple[str, ...] = ()
+    preset: str | None = None       # the pgolf preset of the same model (the founding systems)
 
 
 _LINEAGE = dict(SMEAR_GATE_ENABLED="1", SPARSE_ATTN_GATE_ENABLED="1", CASEOPS_ENABLED="1")
@@ -54,6 +58,19 @@ RECORDS: dict[str, Record] = {r.name: r for r in (
     Record("pr2135", "2026-05-01_SP8192_PR2130Base_Calib32", BANKED, 1.05651, 35_945_673,
            dict(_LINEAGE, SPARSE_ATTN_GATE_SCALE="0.5", ASYM_LOGIT_RESCALE="1", SMEAR_GATE_BOS_FIX="0",
                 EVAL_SEQ_LEN="2560"), caseops=True),
+    # the founding systems (PR heads); their claimed scores and what produced them: pgolf.model.presets' notes
+    Record("pr490", "2026-03-23_11L_VR_GA_AdamWTTT_1.0891", EARLY_PER_LAYER, 1.0891, 27_137_221, {},
+           aliases=("2026-03-23",), preset="pr490"),
+    Record("pr1148", "2026-03-28_MuonTTT_EntropyAdaptive_11L_8xH100", EARLY_BANKED, 1.1179, 26_928_220,
+           dict(BIGRAM_VOCAB_SIZE="1536", XSA_LAST_N="4", ROPE_DIMS="16", LN_SCALE="1", VE_LAYERS="9,10"),
+           aliases=("2026-03-28",), preset="pr1148"),
+    Record("pr1406", "2026-04-06_DepthRecurrence_PreQuantTTT_11L_8xH100", EARLY_BANKED, 1.0887, 26_928_220,
+           dict(BIGRAM_VOCAB_SIZE="1536", XSA_LAST_N="4", ROPE_DIMS="16", LN_SCALE="1", VE_LAYERS="9,10",
+                RECUR_LAYERS="4,5", QK_GAIN_INIT="5.0"), aliases=("2026-04-06",), preset="pr1406"),
+    Record("pr1499", "2026-04-09_SP8192_DepthRecur_ParResid", EARLY_PER_LAYER, 1.4794, 37_338_221, {},
+           preset="pr1499"),
+    Record("pr1550", "2026-04-11_SP8192_PreQuantTTT_CompiledTTT", EARLY_BANKED, 1.05869, 36_311_132,
+           dict(VOCAB_SIZE="8192", BIGRAM_VOCAB_SIZE="0", VE_DIM="44"), aliases=("2026-04-11",), preset="pr1550"),
 )}
 
 
