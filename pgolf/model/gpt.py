@@ -58,6 +58,7 @@ class GPT(nn.Module):
             self.lane_merge = nn.Parameter(torch.tensor(0.5))
         self.looping_active = False
         self._rope_cache: dict = {}
+        self.temperature = 1.0  # divides the softcapped logits (eval/TTT of #490 and #1499: 0.98); not a weight
         self.reset_parameters()
 
     # ---- forward ------------------------------------------------------------------------------------------
@@ -68,8 +69,7 @@ class GPT(nn.Module):
         reduction 'mean' → scalar; 'sum' → scalar; 'none' → (B, T) per-token NLL in nats.
         """
         h = self.hidden(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        per_tok = kernels.lm_head_loss(h.reshape(-1, h.size(-1)), self.tok_emb.weight, target_ids.reshape(-1),
-                                       self.config.logit_softcap)
+        per_tok = self._head_loss(h.reshape(-1, h.size(-1)), target_ids.reshape(-1))
         if reduction == "none":
             return per_tok.view_as(target_ids)
         if reduction == "sum":
@@ -82,9 +82,10 @@ class GPT(nn.Module):
 
     def forward_logits(self, input_ids: Tensor, *, cu_seqlens: Tensor | None = None,
                        max_seqlen: int | None = None) -> Tensor:
-        """Softcapped logits (B, T, V) in the compute dtype."""
+        """Softcapped logits (B, T, V) in the compute dtype (divided by ``temperature``)."""
         h = self.hidden(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return kernels.softcap(F.linear(h, self.tok_emb.weight.to(h.dtype)), self.config.logit_softcap)
+        z = kernels.softcap(F.linear(h, self.tok_emb.weight.to(h.dtype)), self.config.logit_softcap)
+        return z if self.temperature == 1.0 else z / self.temperature
 
     def hidden(self, input_ids: Tensor, *, cu_seqlens: Tensor | None = None,
                max_seqlen: int | None = None) -> Tensor:
@@ -96,7 +97,15 @@ class GPT(nn.Module):
 
         Every op here is row-wise, so ``rows_nll(trunk(x)[rows], y[rows])`` equals ``loss(x, y, 'none')[rows]``:
         eval gathers the positions it scores first and pays the head for those rows only."""
-        return kernels.lm_head_loss(rms_norm(trunk_rows), self.tok_emb.weight, target_ids, self.config.logit_softcap)
+        return self._head_loss(rms_norm(trunk_rows), target_ids)
+
+    def _head_loss(self, h: Tensor, target_ids: Tensor) -> Tensor:
+        """CE of softcap(h Eᵀ)/T per row: cap·tanh(z/cap)/T is (cap/T)·tanh((z/T)/(cap/T)), so the temperature is
+        the head on h/T with the cap divided by T (one fused kernel either way)."""
+        t = self.temperature
+        if t == 1.0:
+            return kernels.lm_head_loss(h, self.tok_emb.weight, target_ids, self.config.logit_softcap)
+        return kernels.lm_head_loss(h / t, self.tok_emb.weight, target_ids, self.config.logit_softcap / t)
 
     def trunk(self, input_ids: Tensor, *, cu_seqlens: Tensor | None = None,
               max_seqlen: int | None = None) -> Tensor:
