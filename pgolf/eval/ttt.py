@@ -120,6 +120,9 @@ class TTTSettings:
     ngram_prefill_tokens: int = 2_000_000  # of the training tokens given to run_ttt (#1499: the first 2 M)
     ngram_shared: bool = False  # every rank learns every chunk (one cache); default: each its own share (#1499)
     study: bool = False  # allow the illegal variants (for study: the compliance report says FAIL)
+    temperature: float = 1.0  # divides the softcapped logits in scoring and training (#490: 0.98)
+    weights_dtype: str | None = None  # 'bf16': adapt and score a bf16 copy of the weights (#490's eval model)
+    slide_temperature: float = 1.0  # lora_sliding: after the adapter's first update since a reset (#1499: 0.98)
     # misc
     compile: bool = False  # torch.compile the chunk-mode adaptation step (fixed shapes), warmed up on random tokens
     seed: int = 0
@@ -179,6 +182,10 @@ class TTTSettings:
                             "normalized distribution (condition 2): it runs only with study=True")
         if self.ngram and (not self.ngram_orders or min(self.ngram_orders) < 2):
             problems.append(f"ngram_orders must all be >= 2, got {self.ngram_orders}")
+        if self.temperature <= 0 or self.slide_temperature <= 0:
+            problems.append("temperature and slide_temperature must be > 0")
+        if self.weights_dtype not in (None, "bf16", "fp32"):
+            problems.append(f"weights_dtype must be None, 'bf16' or 'fp32', got {self.weights_dtype!r}")
         if self.slide_lora_rank < 1 or self.slide_lora_reset < 1:
             problems.append("slide_lora_rank and slide_lora_reset must be >= 1")
         bad_sites = sorted((set(self.lora_sites) | set(self.slide_lora_sites)) - set(LORA_SITES))
@@ -747,8 +754,12 @@ class LoRAHooks:
         ``forward_nll(x, y, rows).gather(1, pos)``."""
         h = self.trunk(x, rows)
         hg = rms_norm(h.gather(1, pos[..., None].expand(-1, -1, h.size(-1))))
-        z = self.logits_pre_softcap(hg)
-        return kernels.softcap_ce(z, y.gather(1, pos).reshape(-1), self.model.config.logit_softcap).view(pos.shape)
+        return self._ce(self.logits_pre_softcap(hg), y.gather(1, pos)).view(pos.shape)
+
+    def _ce(self, z: Tensor, y: Tensor) -> Tensor:
+        """Softcapped CE per row of z (M, V) at the model's temperature (the cap and z divided by it)."""
+        t, cap = getattr(self.model, "temperature", 1.0), self.model.config.logit_softcap
+        return kernels.softcap_ce(z if t == 1.0 else z / t, y.reshape(-1), cap / t)
 
     def logits_pre_softcap(self, h: Tensor) -> Tensor:
         """z = h Eᵀ (+ head LoRA), flattened (B·T, V) exactly as the model's head computes it."""
@@ -762,14 +773,14 @@ class LoRAHooks:
         """Per-token nll (B, T) fp32 of the LoRA-adapted model; equals ``model.loss(x, y, reduction='none')``
         exactly when every B is zero."""
         h = self.hidden(x, rows)
-        z = self.logits_pre_softcap(h)
-        return kernels.softcap_ce(z, y.reshape(-1), self.model.config.logit_softcap).view_as(y)
+        return self._ce(self.logits_pre_softcap(h), y).view_as(y)
 
     def forward_logits(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
         """Softcapped logits (B, T, V) of the adapted model (the distribution that is scored)."""
         h = self.hidden(x, rows)
         z = self.logits_pre_softcap(h)
-        return kernels.softcap(z.float(), self.model.config.logit_softcap).view(*x.shape, -1)
+        return (kernels.softcap(z.float(), self.model.config.logit_softcap)
+                / getattr(self.model, "temperature", 1.0)).view(*x.shape, -1)
 
 
 def lora_token_nll(model: nn.Module, lora: DocLoRA, x: Tensor, y: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -994,7 +1005,10 @@ class LoRASlidingTTT:
             sl = slice(b0, b0 + s.batch_windows)
             with _TrainableOnly(self.model, []), LoRAHooks(self.model, lora) as hooks:
                 self.model.eval()
+                # #1499 scores at its temperature once the adapter has learned since the reset
+                self.model.temperature = s.slide_temperature if j % s.slide_lora_reset else s.temperature
                 self.score_batch(hooks, sl)
+                self.model.temperature = s.temperature
                 self.adapt_batch(hooks, opt, sl)
 
     def score_batch(self, hooks: LoRAHooks, sl: slice) -> None:
@@ -1082,6 +1096,11 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
         raise ValueError(f"ledger covers {ledger.n} targets but the stream has {N}")
     set_active_ledger(ledger)
     was_training = model.training
+    was_temperature = getattr(model, "temperature", 1.0)
+    if settings.weights_dtype == "bf16":  # #490 adapts and scores a bf16 model (in place, as TTT adapts in place)
+        model.to(torch.bfloat16)
+    if settings.temperature != 1.0 or hasattr(model, "temperature"):
+        model.temperature = settings.temperature
     try:
         if mode == "chunk":
             runner = ChunkTTT(model, tokens, tables, settings, ledger, rank=rank, world_size=world_size, log=log,
@@ -1128,6 +1147,8 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
     finally:
         set_active_ledger(None)
         model.train(was_training)
+        if hasattr(model, "temperature"):
+            model.temperature = was_temperature
     seconds = time.perf_counter() - t_start
     timings = {k: round(v, 4) for k, v in runner.timings.items()}
     timings["probe_s"] = round(probe_s, 4)

@@ -651,3 +651,34 @@ def test_lora_sliding_resets_matter_and_adapting_first_is_caught(drift):
     with pytest.raises(ComplianceViolation) as ei:
         AdaptFirst(copy.deepcopy(model), val, TABLES, s, Ledger(N_VAL), rank=0, world_size=1).run()
     assert ei.value.kind == "adapt_before_score" and ei.value.label == "slide_lora_adamw"
+
+
+def test_temperature_scores_and_trains_at_it_and_is_restored(drift):
+    """#490's fixed temperature: the scored distribution is softmax(softcapped logits / T), still normalized."""
+    val, model, base = drift
+    kw = dict(CHUNK, probes=True, epochs=0)
+    hot = run_ttt(copy.deepcopy(model), val, TABLES, mode="chunk", settings=dict(kw, temperature=0.5), log=None)
+    m = copy.deepcopy(model)
+    m.temperature = 0.5
+    direct = evaluate_sliding(m, val, TABLES, window=CHUNK["window"], stride=CHUNK["stride"])
+    assert abs(hot.val_bpb - direct.val_bpb) < 1e-9 and abs(hot.val_bpb - base.val_bpb) > 1e-3
+    assert hot.probes["normalization"]["max_abs_nll_minus_logp"] < 1e-4
+    m2 = copy.deepcopy(model)
+    run_ttt(m2, val, TABLES, mode="chunk", settings=dict(CHUNK, probes=False, temperature=0.9), log=None)
+    assert m2.temperature == 1.0  # restored
+    # lora_sliding applies slide_temperature only after an update since the last reset: never with a reset per batch
+    a = run_ttt(copy.deepcopy(model), val, TABLES, mode="lora_sliding",
+                settings=dict(SLIDE, slide_lora_reset=1, slide_temperature=0.5), log=None)
+    b = run_ttt(copy.deepcopy(model), val, TABLES, mode="lora_sliding", settings=dict(SLIDE, slide_lora_reset=1),
+                log=None)
+    c = run_ttt(copy.deepcopy(model), val, TABLES, mode="lora_sliding", settings=dict(SLIDE, slide_temperature=0.5),
+                log=None)
+    assert a.val_bpb == b.val_bpb and c.val_bpb != b.val_bpb
+
+
+def test_bf16_weights_as_490_runs(drift):
+    val, model, _ = drift
+    m = copy.deepcopy(model)
+    res = run_ttt(m, val[:2049], TABLES, mode="chunk", settings=dict(CHUNK, probes=False, optimizer="adamw",
+                                                                     lr=1e-3, weights_dtype="bf16"), log=None)
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters()) and math.isfinite(res.val_bpb)
