@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_pack_writes_the_submission_and_its_train_gpt_reproduces_the_run_without
     assert sub["val_bpb"] == summary["artifact"]["val_bpb"] and sub["name"] == "pgolf_tiny"
     assert {"author", "github_id", "blurb", "date", "val_loss"} <= set(sub)
     assert sub["bytes_code"] == summary["artifact"]["bytes_code"]  # the run counted exactly this wrapper
-    assert len(code.splitlines()) == 3 and code.startswith(b"import brotli")
+    assert len(code.splitlines()) == 3 and code.startswith((b"import brotli", b"import lzma"))
     readme = (out / "README.md").read_text()
     assert f"{sub['val_bpb']:.8f}" in readme and f"{sub['bytes_total']:,}" in readme
     assert sum(r.bytes for r in artifact_size_table(out / "final_model.pgq")) == sub["bytes_model"]
@@ -78,24 +79,81 @@ def test_pack_writes_the_submission_and_its_train_gpt_reproduces_the_run_without
     assert f"val_bpb:{summary['artifact']['val_bpb']:.8f}" in r.stdout
     assert (cwd / "run" / "final_model.pgq").read_bytes() == (run_dir / "final_model.pgq").read_bytes()
 
+    # the program is specialized to the run: a variable that changes a decided setting is refused, by name, before
+    # any work (the run had sliding eval, so this program has no code for a run without it)
+    bad = subprocess.run([sys.executable, "-S", str(out / "train_gpt.py")], cwd=cwd,
+                         env={**env, "EVAL_STRIDE": "0", "RUN_DIR": str(cwd / "refused")}, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "EVAL_STRIDE" in bad.stderr and "packed" in bad.stderr, bad.stderr[-2000:]
+    assert not (cwd / "refused").exists()
+
 
 def test_bundle_holds_the_runtime_modules_and_the_run_differences():
     mods = bundle.module_closure()
     assert {"pgolf.train.trainer", "pgolf.quant.artifact", "pgolf.quant.calibrate", "pgolf.model.gpt",
             "pgolf.kernels.reference", "pgolf.kernels.int6_pack", "pgolf.eval.sliding"} <= set(mods)
-    assert not any(m.startswith(("pgolf.bench", "pgolf.quant.pack", "pgolf.quant.bundle", "pgolf.demo"))
-                   for m in mods)
+    assert not any(m.startswith(("pgolf.bench", "pgolf.quant.pack", "pgolf.quant.bundle", "pgolf.demo",
+                                 "pgolf.quant.reach", "pgolf.quant.specialize")) for m in mods)
     from pgolf.train.config import resolve
 
     cfg, m = resolve("tiny", env={}, flags=dict(iterations=7, model_dim=64, betas=(0.8, 0.9), data_path="/x"))
     preset, over = bundle.run_overrides(cfg.to_dict(), m.to_dict())
     assert preset == "tiny" and over == {"iterations": 7, "model_dim": 64, "betas": [0.8, 0.9]}
-    src = "def f(x):\n    '''doc'''\n    # comment\n    return x + 1\nclass A:\n    '''only a doc'''\n"
-    small = bundle.minify(src)
-    assert "doc" not in small and "comment" not in small
-    ns: dict = {}
-    exec(small, ns)
-    assert ns["f"](1) == 2
+
+
+def _packed(preset: str, **flags):
+    from pgolf.train.config import resolve
+
+    cfg, m = resolve(preset, env={}, flags=flags)
+    return cfg, m, bundle.packed(cfg.to_dict(), m.to_dict())
+
+
+def test_a_pack_holds_the_kernels_its_configuration_reaches_and_pins_what_it_decided():
+    """sota on a GPU: the Triton modules of the ops the model calls, not the int6 eval kernel; the same run on
+    device cpu: no Triton module. Every pin holds for the packed configuration, and one that a changed setting
+    breaks says so."""
+    from pgolf.kernels import TRITON_MODULES
+
+    cfg, m, gpu = _packed("sota")
+    triton = set(TRITON_MODULES.values())
+    assert {"pgolf.kernels.xsa_attention", "pgolf.kernels.mlp", "pgolf.kernels.softcap_ce",
+            "pgolf.kernels.newton_schulz"} <= set(gpu.modules)
+    assert "pgolf.kernels.int6_matmul" not in gpu.modules  # only `pgolf.eval --int6-matmul` uses it
+    _, _, cpu = _packed("sota", device="cpu")
+    assert not triton & set(cpu.modules) and set(cpu.modules) < set(gpu.modules)
+    assert gpu.pins and all(bool(eval(e, {"t": cfg, "m": m})) is want for e, want, _ in gpu.pins)
+    other, om = _packed("sota", loader="shuffled")[:2]
+    assert not all(bool(eval(e, {"t": other, "m": om})) is want for e, want, _ in gpu.pins)
+    for name, (_, src) in gpu.modules.items():  # every packed module is valid Python without docstrings
+        tree = ast.parse(src, name)
+        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(n) for n in ast.walk(tree))
+
+
+def test_the_packed_program_is_smaller_than_the_whole_closure_and_than_the_records_wrappers():
+    """The specialized program of the demo configuration against the wrapper of every module of the static closure,
+    and its wrapper against the records' two wrappers (raw LZMA2 + base85; brotli-11 + base85) of the same program;
+    the size table's rows add up to the file."""
+    import base64
+    import lzma
+
+    import brotli
+
+    cfg, m, pk = _packed("tiny", device="cpu", iterations=150)
+    wrapped, readable = bundle.build_train_gpt(cfg.to_dict(), m.to_dict())
+    size = len(wrapped.encode())
+    whole = "".join(bundle._path(n)[0].read_text() for n in bundle.module_closure())
+    assert size < len(base64.b85encode(brotli.compress(whole.encode(), quality=11, lgwin=24)))
+    prog = bundle.program(cfg.to_dict(), m.to_dict()).encode()
+    r3 = len(base64.b85encode(lzma.compress(prog, format=lzma.FORMAT_RAW, filters=[
+        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])))
+    r6 = len(base64.b85encode(brotli.compress(prog, quality=11)))
+    line = bundle.config_line(cfg.to_dict(), m.to_dict())
+    blob = wrapped.split('b85decode("')[1].split('")')[0]
+    assert len(blob) <= min(r3, r6) and wrapped.endswith(line + "\n")
+    rows = bundle.code_size_table(cfg.to_dict(), m.to_dict())
+    assert sum(r[3] for r in rows) == size and [r[0] for r in rows[:-1]] == list(pk.modules)
+    assert all(r[3] > 0 for r in rows) and "total (train_gpt.py)" in bundle.format_code_table(rows)
+    assert readable.endswith(line.replace(",__file__)", f",None,{size})") + "\n")
 
 
 def test_quantization_does_not_import_the_evaluation_package():
@@ -117,8 +175,11 @@ def test_quantization_does_not_import_the_evaluation_package():
 @pytest.mark.slow
 def test_bundled_triton_kernels_keep_their_source_for_triton_jit(tmp_path):
     """triton.jit reads a kernel's source with inspect: the bundle registers every module in linecache."""
+    from pgolf.train.config import resolve
+
+    cfg, m = resolve("sota", env={}, flags={})
     prog = tmp_path / "prog.py"
-    prog.write_text(bundle.program() + "\n".join([
+    prog.write_text(bundle.program(cfg.to_dict(), m.to_dict()) + "\n".join([
         "import inspect",
         "import pgolf.kernels",
         "mods = sorted(set(pgolf.kernels.TRITON_MODULES.values()) & set(S))",

@@ -1,0 +1,194 @@
+"""What a packed run keeps: the specializer decides what the configuration fixed, the reach keeps what is named."""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+
+import pytest
+
+from pgolf.quant.reach import ReachError, compact, minify_tree, reachable_sources
+from pgolf.quant.specialize import Pin, specialize
+
+CONFIG_USER = textwrap.dedent('''
+    from __future__ import annotations
+    from dataclasses import dataclass
+    from pgolf.train.config import TrainConfig
+
+    @dataclass
+    class Run:
+        cfg: TrainConfig
+
+    def f(run: Run, x):
+        cfg = run.cfg
+        if cfg.eval_stride:
+            a = 1
+        else:
+            a = 2
+        if cfg.loader == "packed" and x:
+            return 3
+        b = 5 if cfg.quant_method == "none" else 6
+        return a * 10 + b
+
+    def g(cfg: TrainConfig):
+        cfg = fresh()
+        return 1 if cfg.eval_stride else 2
+
+    def fresh():
+        return None
+
+    def h(path, *, fancy=False):
+        if fancy:
+            return "fancy"
+        return "plain"
+
+    def k(path, *, fancy=False):
+        if fancy:
+            return "fancy"
+        return "plain"
+
+    def uses():
+        return h("p"), k("q"), k("r", fancy=True)
+''')
+
+
+def _config(**flags):
+    from pgolf.train.config import resolve
+
+    return resolve("tiny", env={}, flags=flags)
+
+
+def _specialized(src: str, **flags):
+    t, m = _config(**flags)
+    trees = {"pgolf.user": ast.parse(src)}
+    pins = specialize(trees, t, m)
+    return ast.unparse(trees["pgolf.user"]), pins, t, m
+
+
+def test_tests_on_the_runs_settings_are_decided_and_pinned_and_behave_as_before():
+    src, pins, t, m = _specialized(CONFIG_USER, eval_stride=64, loader="packed", quant_method="gptq")
+    assert "a = 2" not in src and "b = 6" in src and "b = 5" not in src  # decided both ways
+    assert "if cfg.loader == 'packed' and x:" in src  # a test that also reads x stays
+    assert "return 1 if cfg.eval_stride else 2" in src  # g reassigns cfg: not typed, not decided
+    fns = {n.name: ast.unparse(n) for n in ast.parse(src).body if isinstance(n, ast.FunctionDef)}
+    assert "fancy" not in fns["h"].split(":", 1)[1]  # no call passes fancy: h is plain only
+    assert "return 'fancy'" in fns["k"]  # one call passes it: stays
+    assert Pin("train", "eval_stride", "truth", None, True) in pins
+    assert Pin("train", "quant_method", "==", "none", False) in pins
+    assert all(p.holds(t, m) for p in pins)
+    original, specialized = {}, {}
+    exec(CONFIG_USER.replace("from pgolf.train.config import TrainConfig", ""), original)
+    exec(src.replace("from pgolf.train.config import TrainConfig", ""), specialized)
+    for x in (0, 1):
+        run = original["Run"](t)
+        assert specialized["f"](specialized["Run"](t), x) == original["f"](run, x)
+    assert specialized["uses"]() == original["uses"]()
+    other = _config(eval_stride=0, loader="packed", quant_method="gptq")
+    assert not all(p.holds(*other) for p in pins)
+
+
+def test_a_setting_the_sources_change_is_never_decided():
+    src = CONFIG_USER + "\ndef tweak(cfg: TrainConfig):\n    return replace(cfg, eval_stride=0)\n"
+    out, pins, _, _ = _specialized(src, eval_stride=64)
+    assert "if cfg.eval_stride:" in out and not any(p.field == "eval_stride" for p in pins)
+
+
+PKG = {
+    "pgolf": "",
+    "pgolf.a": textwrap.dedent('''
+        import torch
+        from pgolf.b import used, Base
+        from pgolf import b as bmod
+
+        def main():
+            return used() + Thing().run() + bmod.via_module() + torch.ops.pgolf.myop(1)
+
+        def unused():
+            return 1
+
+        class Thing(Base):
+            def run(self):
+                return self.helper()
+
+            def helper(self):
+                return 2
+
+            def never(self):
+                return 3
+
+            def __repr__(self):
+                return "T"
+
+        @torch.library.custom_op("pgolf::myop", mutates_args=())
+        def myop(x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        @myop.register_fake
+        def _(x):
+            return x
+
+        @torch.library.custom_op("pgolf::other", mutates_args=())
+        def other(x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        @other.register_fake
+        def _(x):
+            return x
+    '''),
+    "pgolf.b": textwrap.dedent('''
+        """doc"""
+        TABLE = {"x": 1}
+
+        def used():
+            """its doc"""
+            return TABLE["x"]
+
+        def via_module():
+            return 0
+
+        def unused_b():
+            return 1
+
+        class Base:
+            def shared(self):
+                return 0
+    '''),
+}
+
+
+def _source(pkg: dict[str, str]):
+    return lambda name: (ast.parse(pkg[name]), name == "pgolf") if name in pkg else None
+
+
+def _names(src: str) -> set[str]:
+    return {n.name for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+def test_only_what_the_entry_names_is_kept_and_the_result_runs():
+    out = reachable_sources([("pgolf.a", "main")], _source(PKG))
+    a, b = _names(out["pgolf.a"][1]), _names(out["pgolf.b"][1])
+    assert {"main", "Thing", "run", "helper", "__repr__", "myop", "_"} <= a
+    assert not {"unused", "never", "other"} & a  # the custom op nobody calls goes with its fake
+    assert b == {"used", "via_module", "Base"} and "doc" not in out["pgolf.b"][1]
+    assert "shared" not in out["pgolf.b"][1]
+
+
+def test_a_module_used_as_a_value_is_kept_whole_and_an_unknown_name_is_an_error():
+    pkg = dict(PKG, **{"pgolf.a": "from pgolf import b\ndef main(n):\n    return getattr(b, n)()\n"})
+    out = reachable_sources([("pgolf.a", "main")], _source(pkg))
+    assert {"used", "via_module", "unused_b", "Base", "shared"} <= _names(out["pgolf.b"][1])
+    bad = dict(PKG, **{"pgolf.a": "from pgolf.b import missing\ndef main():\n    return missing()\n"})
+    with pytest.raises(ReachError, match="missing"):
+        reachable_sources([("pgolf.a", "main")], _source(bad))
+
+
+def test_compact_source_parses_to_the_same_tree_and_is_smaller():
+    from pgolf.quant.bundle import _path, module_closure
+
+    for name in module_closure():
+        src = ast.unparse(minify_tree(ast.parse(_path(name)[0].read_text())))
+        small = compact(src)
+        assert ast.dump(ast.parse(small)) == ast.dump(ast.parse(src)), name
+        assert len(small) < len(src) or len(src) < 40, name
+    doc = ast.unparse(ast.parse('def f():\n    """two\n    lines"""\n    return 1\n'))
+    assert compact(doc) == doc  # a string over two lines: left as it was
