@@ -42,9 +42,10 @@ PROG = "pgolf.eval"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pgolf.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifact", required=True, help="the artifact file (final_model.pgq)")
-    p.add_argument("--data", required=True, help="folder with fineweb_val_*.bin shards")
-    p.add_argument("--tokenizer", required=True, help="SentencePiece model (byte tables for val_bpb)")
+    p.add_argument("--artifact", help="the artifact file (final_model.pgq); required")
+    p.add_argument("--data", help="folder with fineweb_val_*.bin shards (and fineweb_train_*.bin for the n-gram "
+                   "pre-fill); required")
+    p.add_argument("--tokenizer", help="SentencePiece model (byte tables for val_bpb); required")
     p.add_argument("--sliding", action="store_true", help="also run the sliding-window eval")
     p.add_argument("--stride", type=_at_least(1), default=None, help="sliding stride (default: the run's, else 64)")
     p.add_argument("--seq-len", type=_at_least(1), default=None, help="eval window (default: the run's, else 2048)")
@@ -56,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int6-matmul", action="store_true", help="run int6 layers through Int6Linear")
     p.add_argument("--doc-isolated", action="store_true", help="attention never crosses a BOS inside a window")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--ttt", choices=("chunk", "lora", "phased"), help="legal score-first test-time training, then "
-                   "the compliance report")
+    p.add_argument("--ttt", choices=("chunk", "lora", "phased", "lora_sliding"), help="legal score-first "
+                   "test-time training, then the compliance report")
+    p.add_argument("--recipe", metavar="NAME", help="a founding submission's legal eval pipeline (sets --ttt and its "
+                   "TTT settings; --ttt-set still overrides): pr490, pr1148, pr1406, pr1499, pr1550; 'list' describes "
+                   "them")
     p.add_argument("--ttt-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TTT setting (pgolf.eval.ttt.TTTSettings), e.g. --ttt-set epochs=1; repeatable")
     p.add_argument("--ttt-budget", type=float, default=0.0, metavar="SECONDS",
@@ -75,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 def _score(args: argparse.Namespace) -> int:
     from pgolf.compliance_guard import ComplianceViolation
 
+    if args.recipe == "list":
+        from pgolf.eval.recipes import describe
+
+        print(describe())
+        return 0
     t_start = time.perf_counter()
     overrides = _check_flags(args)
     opened = open_artifact(args.artifact, args.data, args.tokenizer, stride=args.stride, seq_len=args.seq_len,
@@ -106,7 +115,22 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _check_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The TTT overrides; ConfigError for flags that would be ignored or that conflict."""
+    """The TTT overrides (a recipe's, then --ttt-set's); ConfigError for flags that are missing, would be ignored or
+    conflict. A recipe sets ``args.ttt``."""
+    for flag in ("artifact", "data", "tokenizer"):
+        if not getattr(args, flag):
+            raise ConfigError(f"--{flag} is required (python -m pgolf.eval --help)")
+    recipe_settings: dict[str, Any] = {}
+    if args.recipe:
+        from pgolf.eval.recipes import get
+
+        try:
+            recipe = get(args.recipe)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if args.ttt and args.ttt != recipe.mode:
+            raise ConfigError(f"--recipe {recipe.name} runs --ttt {recipe.mode}; drop --ttt {args.ttt}")
+        args.ttt, recipe_settings = recipe.mode, dict(recipe.settings)
     if args.stride is not None and not (args.sliding or args.ttt):
         raise ConfigError("--stride only applies to --sliding and --ttt scoring; add one of them or drop --stride")
     if (args.ttt_set or args.ttt_budget) and not args.ttt:
@@ -122,7 +146,7 @@ def _check_flags(args: argparse.Namespace) -> dict[str, Any]:
 
         if not torch.cuda.is_available():
             raise ConfigError("--cuda-graphs needs a CUDA GPU and none is available here; drop --cuda-graphs")
-    return parse_sets(args.ttt_set)
+    return {**recipe_settings, **parse_sets(args.ttt_set)}
 
 
 def open_artifact(artifact: str, data: str, tokenizer: str, *, stride: int | None = None,
@@ -159,7 +183,7 @@ def open_artifact(artifact: str, data: str, tokenizer: str, *, stride: int | Non
     if val_max_tokens and val.numel() - 1 > val_max_tokens:
         val = val[: val_max_tokens // seq_len * seq_len + 1]
     return {"qm": qm, "val": val, "tables": tok.byte_tables(vocab), "seq_len": seq_len, "stride": stride,
-            "device": dev, "t0": t0}
+            "device": dev, "t0": t0, "data": data}
 
 
 def check_stride(opened: dict[str, Any]) -> None:
@@ -247,7 +271,8 @@ def ttt_with_report(r: dict[str, Any], mode: str, artifact: str | os.PathLike, t
                         seq_len=settings.seq_len, chunk_tokens=(settings.chunk_tokens,), max_epochs=settings.epochs)
         settings = settings.replace(**plan.settings_overrides())
         log(f"ttt_plan: {plan.settings_overrides()} for {budget:.0f}s ({spent:.1f}s already spent)")
-    res = run_ttt(model, val, r["tables"], mode=mode, settings=settings, log=log)
+    prefill = train_tokens_for(r, settings)
+    res = run_ttt(model, val, r["tables"], mode=mode, settings=settings, log=log, prefill_tokens=prefill)
     # compile/timing warm-ups ran on random tokens; like the records, they are outside the timed region
     warmups = rates.seconds + sum(e.warmup_s for e in (r["plain"], r["sliding"]) if e is not None) \
         + float(res.timings.get("warmup_s", 0.0))
@@ -260,6 +285,29 @@ def ttt_with_report(r: dict[str, Any], mode: str, artifact: str | os.PathLike, t
         warmup_seconds=warmups, other_eval_seconds=other, eval_seconds=eval_seconds, warmup_on_synthetic=True,
         warmup_outside_timer=True)
     return res, report
+
+
+def train_tokens_for(r: dict[str, Any], settings) -> Any:
+    """The training tokens the n-gram cache is pre-filled from: the first ``ngram_prefill_tokens`` of the
+    ``fineweb_train_*.bin`` shards in --data (None without ``ngram`` or with a zero pre-fill); MissingInputError when
+    there are none."""
+    if not settings.ngram or settings.ngram_prefill_tokens <= 0:
+        return None
+    from pgolf.data.shards import find_shards, read_shard
+
+    files = find_shards(r["data"], "train") if r.get("data") else []
+    if not files:
+        raise MissingInputError(f"the n-gram cache is pre-filled from training tokens, and --data {r.get('data')} has "
+                                f"no fineweb_train_*.bin shards: add them, or --ttt-set ngram_prefill_tokens=0")
+    import numpy as np
+    import torch
+
+    want, parts = settings.ngram_prefill_tokens + 1, []
+    for f in files:
+        parts.append(read_shard(f, int(r["qm"].config["vocab_size"]))[: want - sum(len(p) for p in parts)])
+        if sum(len(p) for p in parts) >= want:
+            break
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64))
 
 
 def ttt_settings(r: dict[str, Any], overrides: dict[str, Any] | None = None):

@@ -958,7 +958,7 @@ class DocLoRATTT:
 
 
 class LoRASlidingTTT:
-    """#1499's LoRA sliding TTT: the sliding windows (exactly :func:`pgolf.eval.evaluate_sliding`'s plan) go in batches
+    """#1499's LoRA sliding TTT (with ``ngram``: its cache inside the loop, learning each batch once scored): the sliding windows (exactly :func:`pgolf.eval.evaluate_sliding`'s plan) go in batches
     of ``batch_windows``; each batch is scored with the current adapter (rank ``slide_lora_rank`` on the
     ``slide_lora_sites`` of every layer slot, A ~ N(0, std²), B = 0, no α/r scale; base model frozen), then one
     AdamW step on the mean loss over every position of those windows, all scored by then. The adapter and its
@@ -967,9 +967,10 @@ class LoRASlidingTTT:
     from that target on only (it is scored whole), so every rank adapts on targets it scored itself."""
 
     def __init__(self, model: nn.Module, tokens: Tensor, tables: ByteTables, settings: TTTSettings, ledger: Ledger,
-                 *, rank: int, world_size: int, log: Callable[[str], None] = print):
+                 *, rank: int, world_size: int, log: Callable[[str], None] = print, prefill: Tensor | None = None):
         self.model, self.s, self.ledger, self.log = model, settings, ledger, log
         self.device, self.tokens = tokens.device, tokens
+        self.mixer = _ngram_mixer(settings, ledger, self.device, prefill) if settings.ngram else None
         self.tables = tables.to(self.device)
         self.N = tokens.numel() - 1
         self.amp = _autocast_dtype(settings.autocast_dtype)
@@ -1017,10 +1018,12 @@ class LoRASlidingTTT:
         self.ledger.score(int(st[0] + off[0]), int(en[-1]), label=f"slide_lora_score:window={int(st[0])}")
         scorer = WindowScorer(self.model, self.tables, width=self.width, batch=self.s.batch_windows,
                               doc_isolated=self.s.doc_isolated, bos_id=self.s.bos_id, autocast_dtype=self.amp,
-                              device=self.device, trunk=hooks.trunk)
+                              device=self.device, trunk=hooks.trunk, mixer=self.mixer)
         with torch.no_grad():
             for acc, v in zip(self.sums, scorer.score(self.tokens, st, en - st, off)):
                 acc += v
+        if self.mixer is not None:  # the cache learns the batch's targets once they are scored (#1499)
+            self.mixer.update(self.tokens, int(st[0] + off[0]), int(en[-1]))
         self.timings["score_s"] += time.perf_counter() - t0
 
     def adapt_batch(self, hooks: LoRAHooks, opt: torch.optim.Optimizer, sl: slice) -> None:
@@ -1077,9 +1080,9 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
         settings = settings.replace(bos_id=int(getattr(getattr(model, "config", None), "bos_id", 1)))
     rank, world_size = _resolve_rank(rank, world_size)
     _dist_running(world_size)
-    if settings.ngram and mode != "chunk":
-        raise ValueError(f"the n-gram mixture runs in the chunk mode (scoring through it, learning each scored "
-                         f"chunk); mode {mode!r} does not take it")
+    if settings.ngram and mode not in ("chunk", "lora_sliding"):
+        raise ValueError(f"the n-gram mixture runs in the chunk and lora_sliding modes (scoring through it, learning "
+                         f"what was scored); mode {mode!r} does not take it")
     if settings.compile and mode != "chunk":
         raise ValueError(f"TTT compile is for the chunk mode's fixed-shape adaptation step; mode {mode!r} runs "
                          f"per-document LoRA steps of varying shapes (drop compile)")
@@ -1117,7 +1120,8 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
                 runner.run()
             n_chunks, n_docs, doc_nll = runner.n_chunks, None, None
         elif mode == "lora_sliding":
-            runner = LoRASlidingTTT(model, tokens, tables, settings, ledger, rank=rank, world_size=world_size, log=log)
+            runner = LoRASlidingTTT(model, tokens, tables, settings, ledger, rank=rank, world_size=world_size, log=log,
+                                    prefill=prefill_tokens)
             probes_before = {}
             runner.run()
             n_chunks, n_docs, doc_nll = None, None, None

@@ -117,3 +117,26 @@ def test_auto_batch_and_cuda_graph_flags(run, capsys):
         assert main(_args(run_dir, "--sliding", "--cuda-graphs")) == 2
         err = capsys.readouterr().err
         assert "--cuda-graphs needs a CUDA GPU" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["pr490", "pr1148", "pr1406", "pr1499", "pr1550"])
+def test_every_recipe_runs_legally_on_the_built_in_corpus(run, capsys, name):
+    """Each founding submission's legal eval pipeline, end to end on the demo artifact: the report passes."""
+    run_dir, _ = run
+    small = ["--ttt-set", "chunk_tokens=256", "--ttt-set", "micro_batch_seqs=1"] if name != "pr1499" else \
+        ["--ttt-set", "batch_windows=4", "--ttt-set", "ngram_prefill_tokens=20000"]
+    assert main(_args(run_dir, "--recipe", name, *small)) == 0
+    out = capsys.readouterr().out
+    assert "overall: PASS" in out and "3 score before update     [pass]" in out
+    assert re.search(rf"^final_ttt_\w+_exact val_loss:\d+\.\d+ val_bpb:\d+\.\d+$", out, re.M)
+
+
+def test_recipe_list_and_bad_recipes(run, capsys):
+    run_dir, _ = run
+    assert main(["--recipe", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(n in out for n in ("pr490", "pr1148", "pr1406", "pr1499", "pr1550")) and "study mode" in out
+    assert main(_args(run_dir, "--recipe", "pr9999")) == 2
+    assert "--recipe 'pr9999' is not known" in capsys.readouterr().err
+    assert main(_args(run_dir, "--recipe", "pr1148", "--ttt", "lora")) == 2
+    assert "runs --ttt chunk" in capsys.readouterr().err

@@ -131,3 +131,16 @@ def test_prefill_refuses_validation_tokens(small):
     with pytest.raises(ComplianceViolation):
         run_ttt(copy.deepcopy(model), val, TABLES, mode="chunk", settings=NGRAM, log=None,
                 prefill_tokens=mark_validation(val))
+
+
+def test_lora_sliding_scores_through_the_cache_batch_by_batch(small):
+    """#1499's eval: LoRA sliding TTT with the cache inside; the cache learns each batch after scoring it."""
+    from tests.eval.test_ttt import SLIDE
+
+    val, model = small
+    kw = dict(SLIDE, ngram=True, ngram_orders=(2, 3, 4), ngram_alpha=0.5)
+    with_cache = run_ttt(copy.deepcopy(model), val, TABLES, mode="lora_sliding", settings=kw, log=None)
+    without = run_ttt(copy.deepcopy(model), val, TABLES, mode="lora_sliding", settings=SLIDE, log=None)
+    assert with_cache.tokens == without.tokens and with_cache.val_bpb < without.val_bpb - 0.05
+    kinds = with_cache.ledger.adapt_kinds
+    assert kinds["ngram_update"] == kinds["slide_lora_adamw"] and with_cache.ledger.min_adapt_gap >= 1
