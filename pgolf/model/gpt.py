@@ -82,10 +82,11 @@ class GPT(nn.Module):
 
     def forward_logits(self, input_ids: Tensor, *, cu_seqlens: Tensor | None = None,
                        max_seqlen: int | None = None) -> Tensor:
-        """Softcapped logits (B, T, V) in fp32, as the loss computes them (the head GEMM in the compute dtype, the
-        softcap in fp32), divided by ``temperature``."""
+        """Softcapped logits (B, T, V), as the loss computes them: the head GEMM in the compute dtype, the softcap in
+        fp32 (or fp64 for an fp64 model), divided by ``temperature``."""
         h = self.hidden(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        z = kernels.softcap(F.linear(h, self.tok_emb.weight.to(h.dtype)).float(), self.config.logit_softcap)
+        z = F.linear(h, self.tok_emb.weight.to(h.dtype))
+        z = kernels.softcap(z.float() if z.dtype in (torch.bfloat16, torch.float16) else z, self.config.logit_softcap)
         return z if self.temperature == 1.0 else z / self.temperature
 
     def hidden(self, input_ids: Tensor, *, cu_seqlens: Tensor | None = None,

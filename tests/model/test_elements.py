@@ -874,7 +874,7 @@ def test_bf16_autocast_compute_with_fp32_weights_and_loss():
             low = model.loss(ids, tgt)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert full.dtype == torch.float32 and low.dtype == torch.float32
-    assert logits.dtype == torch.bfloat16
+    assert logits.dtype == torch.float32  # the head GEMM in bf16, the softcap in fp32 as the loss does
     assert abs(low.item() - full.item()) < 0.05 * full.item()
     assert abs(low.item() - full.item()) > 0  # it really ran in lower precision
 
