@@ -219,7 +219,7 @@ class ComplianceReport:
             conds["single_pass"] = {"status": NOT_MEASURED, "evidence": "no ledger"}
         else:
             gap = led.get("min_adapt_gap")
-            ok = gap is None or gap >= 1
+            ok = (gap is None or gap >= 1) and not led.get("violations")
             conds["score_before_update"] = {
                 "status": "pass" if ok else "FAIL", "adaptation_steps": led["adapt_steps"],
                 "adapted_targets": led["adapted_targets"], "adapt_reads": led["adapt_reads"],
@@ -228,6 +228,14 @@ class ComplianceReport:
                 "evidence": "ledger: every adaptation step checked that all targets it read were scored at an "
                             "earlier event (a violation raises at once)" +
                             ("; no adaptation ran" if gap is None else "")}
+            if led.get("violations"):
+                first = led["violation_examples"][0]
+                conds["score_before_update"].update(
+                    violations=led["violations"], first_violation=first,
+                    evidence=f"STUDY RUN: {led['violations']} adaptation steps read targets before they were scored "
+                             f"(first: {first['kind']} at position {first['position']}, step {first['step']}, "
+                             f"{first['label']}); condition 3 fails, as the submission being studied did")
+                notes.append("study run: an illegal variant measured for study; never a record submission")
             ok = (N is not None and led["tokens_scored"] == N and led["max_times_scored"] == 1
                   and led["min_times_scored"] == 1)
             conds["single_pass"] = {
@@ -295,10 +303,13 @@ class ComplianceReport:
             f"over {x['positions_probed']} positions x {x['vocab']} vocab" if "max_abs_logsumexp" in x
             else x.get("evidence", "")))
         x = c.get("score_before_update", {})
-        lines.append(f"  3 score before update     [{x.get('status')}] " + (
-            f"{x['adaptation_steps']} adaptation steps read {x['adapted_targets']:,} distinct targets; "
-            f"min(first_adapt - scored) = {x['min_first_adapt_minus_scored']}; public BOS inputs "
-            f"{x['known_input_reads']}" if "adaptation_steps" in x else x.get("evidence", "")))
+        if x.get("violations"):
+            lines.append(f"  3 score before update     [{x.get('status')}] {x['evidence']}")
+        else:
+            lines.append(f"  3 score before update     [{x.get('status')}] " + (
+                f"{x['adaptation_steps']} adaptation steps read {x['adapted_targets']:,} distinct targets; "
+                f"min(first_adapt - scored) = {x['min_first_adapt_minus_scored']}; public BOS inputs "
+                f"{x['known_input_reads']}" if "adaptation_steps" in x else x.get("evidence", "")))
         x = c.get("single_pass", {})
         lines.append(f"  4 single pass             [{x.get('status')}] " + (
             f"tokens scored {x['tokens_scored']:,} = validation tokens {_fmt(x['validation_tokens'], '{:,}')}; "

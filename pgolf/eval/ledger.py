@@ -136,6 +136,9 @@ class LedgerSummary:
     overhead_seconds: float  # time spent inside the ledger (this rank)
     world_size: int = 1
     adapt_kinds: dict = field(default_factory=dict)  # label prefix → steps
+    study: bool = False  # a study run: violations were recorded instead of raised
+    violations: int = 0  # violations recorded (study runs only; all ranks)
+    violation_examples: list = field(default_factory=list)  # the first few: kind, position, step, label
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,11 +148,13 @@ class Ledger:
     """Score/adapt bookkeeping over ``n_targets`` validation targets; raises :class:`ComplianceViolation`.
 
     ``known_inputs``: token positions whose value may be read as an adaptation's first input token before it is
-    scored (document-start BOS tokens for per-document TTT). Token 0 is always such a position.
+    scored (document-start BOS tokens for per-document TTT). Token 0 is always such a position. ``study``: a study
+    of an illegal variant: an adaptation before scoring or a rescoring is recorded (the summary counts it and the
+    compliance report fails) instead of raised.
     """
 
     def __init__(self, n_targets: int, *, known_inputs: Sequence[int] | np.ndarray | None = None,
-                 fingerprint: Fingerprint | None = None):
+                 fingerprint: Fingerprint | None = None, study: bool = False):
         if n_targets < 0:
             raise ValueError(f"n_targets must be >= 0, got {n_targets}")
         t0 = time.perf_counter()
@@ -174,6 +179,8 @@ class Ledger:
         self.known_input_reads = 0
         self.guard_checks = 0
         self.adapt_kinds: dict[str, int] = {}
+        self.study = study  # record violations instead of raising (study runs of illegal variants, never a record)
+        self.violations: list[dict[str, Any]] = []
         self.overhead = time.perf_counter() - t0  # allocation counts as ledger cost
 
     # -- setup --------------------------------------------------------------------------------------------------
@@ -252,6 +259,9 @@ class Ledger:
 
     def _rescore(self, i: int, ev: int, label: str | None) -> None:
         prev = int(self.scored_at[i])
+        if self.study:
+            self._record("rescore", i, ev, label)
+            return
         raise ComplianceViolation(
             "rescore", f"target {i} (token {i + 1}) is scored a second time" +
             (f"; it was scored at event {prev}" if prev != UNSET else " within one event") +
@@ -308,15 +318,18 @@ class Ledger:
                 unsc = x0s[self.scored_at[x0s - 1] == UNSET]
                 if unsc.size:
                     priv = unsc[~self._known[unsc]]
-                    if priv.size:
+                    if priv.size and self.study:
+                        self._record("adapt_before_score", int(priv[0]) - 1, step, label)
+                    elif priv.size:
                         x0 = int(priv[0])
                         raise ComplianceViolation(
                             "adapt_before_score", f"adaptation reads input token {x0} (target {x0 - 1}) which has "
                             f"not been scored yet", position=x0 - 1, step=step, label=label)
                     self.known_input_reads += int(unsc.size)  # document-start BOS read before its predictor scored
                 # running evidence: the smallest (step − scored_at) of any read is at a target's first read
-                gap = step - int(sa.max())
-                self.min_gap = gap if self.min_gap is None else min(self.min_gap, gap)
+                if sa.min() != UNSET:  # (a study step that read unscored targets is a recorded violation instead)
+                    gap = step - int(sa.max())
+                    self.min_gap = gap if self.min_gap is None else min(self.min_gap, gap)
                 reads = int((r[:, 1] - r[:, 0]).sum())
                 self.adapt_reads += reads
                 if collective:
@@ -328,7 +341,13 @@ class Ledger:
             self.adapt_kinds[kind] = self.adapt_kinds.get(kind, 0) + 1
             return step
 
+    def _record(self, kind: str, position: int, step: int, label: str | None) -> None:
+        self.violations.append(dict(kind=kind, position=int(position), step=int(step), label=label))
+
     def _unscored(self, i: int, step: int, label: str) -> None:
+        if self.study:
+            self._record("adapt_before_score", i, step, label)
+            return
         raise ComplianceViolation(
             "adapt_before_score", f"adaptation reads target {i} (token {i + 1}) which has not been scored yet "
             f"(score before update: train only on tokens already scored)", position=i, step=step, label=label)
@@ -387,7 +406,7 @@ class Ledger:
         t0 = time.perf_counter()
         running = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         counts = [self.score_events, self.adapt_steps - self.collective_steps, self.adapt_reads - self.collective_reads,
-                  self.known_input_reads, self.guard_checks]
+                  self.known_input_reads, self.guard_checks, len(self.violations)]
         gap = self.min_gap
         if running:
             times = _allreduce_np(self.mine.view(np.uint8), dist.ReduceOp.SUM)
@@ -417,11 +436,12 @@ class Ledger:
             first_unscored=first_unscored, score_events=int(counts[0]), adapt_steps=int(counts[1]),
             adapted_targets=adapted, adapt_reads=int(counts[2]), min_adapt_gap=gap, known_input_reads=int(counts[3]),
             guard_checks=int(counts[4]), overhead_seconds=self.overhead,
-            world_size=dist.get_world_size() if running else 1, adapt_kinds=dict(self.adapt_kinds))
+            world_size=dist.get_world_size() if running else 1, adapt_kinds=dict(self.adapt_kinds), study=self.study,
+            violations=int(counts[5]), violation_examples=self.violations[:5])
         if require_complete and s.first_unscored is not None:
             raise ComplianceViolation("unscored_at_end", f"{self.n - s.tokens_scored} validation targets were never "
                                       f"scored", position=s.first_unscored, step=self.event)
-        if s.max_times_scored > 1:
+        if s.max_times_scored > 1 and not self.study:
             i = int(np.argmax(times > 1))
             raise ComplianceViolation("rescore", f"target {i} was scored {int(times[i])} times", position=i,
                                       step=self.event)

@@ -202,3 +202,23 @@ def test_lora_bookkeeping_bench_small():
 
     r = bench_ledger_lora(n_docs=200, mean_doc_len=300, chunk=48, window=256, batch_docs=16)
     assert r["score_events"] > 0 and r["adapt_steps"] > 0 and r["ledger_seconds"] < r["seconds_total"] + 1e-9
+
+
+def test_study_ledger_records_violations_and_the_report_fails():
+    """A study of an illegal variant (pre-quant TTT on the validation tokens) runs to the end: the ledger records
+    each adaptation on unscored targets instead of raising, and the compliance report fails condition 3."""
+    from pgolf.eval import ComplianceReport
+
+    led = Ledger(100, study=True)
+    led.adapt([(0, 100)], label="prequant_ttt:epoch=0")  # every target, before any is scored
+    led.score(0, 100, label="sliding")
+    led.adapt([(10, 20)], label="chunk_sgd:chunk=0")  # legal: scored already
+    s = led.summary(require_complete=True)
+    assert s.study and s.violations == 1 and s.violation_examples[0]["label"] == "prequant_ttt:epoch=0"
+    assert s.violation_examples[0]["kind"] == "adapt_before_score" and s.min_adapt_gap == 1
+    rep = ComplianceReport.build(dict(val_bpb=1.0, val_loss=2.0, tokens=100, bytes=300, seconds=1.0), ledger=s)
+    c = rep.to_dict()["conditions"]["score_before_update"]
+    assert c["status"] == "FAIL" and "STUDY RUN" in c["evidence"] and not rep.ok
+    assert "STUDY RUN" in rep.render()
+    with pytest.raises(ComplianceViolation):  # the same step in a normal ledger raises at once
+        Ledger(100).adapt([(0, 100)], label="prequant_ttt:epoch=0")
