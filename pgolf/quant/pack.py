@@ -2,9 +2,10 @@
 
 The folder (name it like ``records/track_10min_16mb/<date>_<name>``) gets:
 
-- ``train_gpt.py``: the self-contained, compressed program (:mod:`pgolf.quant.bundle`); it needs only torch,
-  triton, numpy, sentencepiece and brotli, reads ``DATA_PATH`` / ``TOKENIZER_PATH`` / ``SEED`` / ... from the
-  environment, and reproduces the run's training, quantization and evaluation. Its size is ``bytes_code``.
+- ``train_gpt.py``: the self-contained, compressed program (:mod:`pgolf.quant.bundle`) holding only what the run's
+  configuration reaches; it needs only torch, triton, numpy, sentencepiece and brotli, reads ``DATA_PATH`` /
+  ``TOKENIZER_PATH`` / ``SEED`` / ... from the environment, and reproduces the run's training, quantization and
+  evaluation. Its size is ``bytes_code``; the README's code table says what each packed module costs.
 - ``train_gpt_readable.py``: the same program uncompressed, for reading (not counted);
 - the run's artifact (``final_model.pgq``), its log (``train_seed<seed>.log``) and ``summary.json``;
 - ``submission.json`` (name, author, github_id, blurb, date, val_loss, val_bpb, bytes_total, bytes_model,
@@ -41,7 +42,7 @@ def pack(run_dir: str | Path, out: str | Path, *, name: str | None = None, autho
 
     ``force``: replace an existing ``out``; ``allow_over_budget``: pack even over 16,000,000 bytes.
     """
-    from pgolf.quant.bundle import build_train_gpt, sources_digest
+    from pgolf.quant.bundle import build_train_gpt, code_size_table, format_code_table, sources_digest
     from pgolf.quant.size import artifact_size_table, format_size_table
     from pgolf.utils import refuse_existing, staged_dir
 
@@ -62,6 +63,7 @@ def pack(run_dir: str | Path, out: str | Path, *, name: str | None = None, autho
     sub = _submission(s, art, name, author, github_id, blurb, len(blob), bytes_code, digest)
     notes = _notes(art, digest, bytes_code)
     table = format_size_table(artifact_size_table(blob), bytes_code)
+    code_table = format_code_table(code_size_table(s["config"], s["model"]))
     log = run_dir / "train.log"
     with staged_dir(out, force=force, what="submission folder") as tmp:
         (tmp / "train_gpt.py").write_text(wrapped, encoding="utf-8")
@@ -71,7 +73,7 @@ def pack(run_dir: str | Path, out: str | Path, *, name: str | None = None, autho
             (tmp / f"train_seed{sub['seed']}.log").write_bytes(log.read_bytes())
         (tmp / "summary.json").write_bytes(summary_bytes)
         (tmp / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(_readme(sub, s, art, table, art_path.name, notes), encoding="utf-8")
+        (tmp / "README.md").write_text(_readme(sub, s, art, table, code_table, art_path.name, notes), encoding="utf-8")
     return sub
 
 
@@ -161,7 +163,7 @@ def _notes(art: dict, digest: str, bytes_code: int) -> list[str]:
     return notes
 
 
-def _readme(sub: dict, s: dict, art: dict, table: str, art_name: str, notes: list[str]) -> str:
+def _readme(sub: dict, s: dict, art: dict, table: str, code_table: str, art_name: str, notes: list[str]) -> str:
     def f(v, spec=".4f"):
         return "–" if v is None else format(v, spec)
 
@@ -192,6 +194,10 @@ def _readme(sub: dict, s: dict, art: dict, table: str, art_name: str, notes: lis
               f"int{st.get('embed_bits')} k={st.get('embed_k')}, LQER rank {st.get('lqer_rank')}; "
               f"tensors of at most {st.get('passthrough_max'):,} elements fp16. Artifact `{art_name}` "
               f"(pgolf artifact format, layout {art.get('layout')}):", "", "```", table, "```", "",
+              "## Code", "",
+              "`train_gpt.py` holds only the pgolf code this configuration reaches (settings it fixed decided at pack "
+              "time), minified and compressed; what each packed module costs, in bytes of the file:", "",
+              "```", code_table, "```", "",
               "## Reproduce", "", "```bash",
               "DATA_PATH=data/datasets/fineweb10B_sp8192 TOKENIZER_PATH=data/tokenizers/fineweb_8192_bpe.model \\",
               "  torchrun --standalone --nproc_per_node=8 train_gpt.py", "```", "",
@@ -220,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 def _pack(args: argparse.Namespace) -> int:
     sub = pack(args.run_dir, args.out, name=args.name, author=args.author, github_id=args.github_id,
                blurb=args.blurb, force=args.force, allow_over_budget=args.allow_over_budget)
+    readme = (Path(args.out) / "README.md").read_text(encoding="utf-8")
+    print(readme.split("## Code", 1)[1].split("```")[1].strip("\n"))
     print(f"packed {args.run_dir} -> {args.out}: val_bpb {sub['val_bpb']:.6f}, bytes_total {sub['bytes_total']:,} "
           f"(model {sub['bytes_model']:,} + code {sub['bytes_code']:,})")
     return 0

@@ -54,6 +54,9 @@ def test_pack_writes_the_submission_and_its_train_gpt_reproduces_the_run_without
     assert len(code.splitlines()) == 3 and code.startswith((b"import brotli", b"import lzma"))
     readme = (out / "README.md").read_text()
     assert f"{sub['val_bpb']:.8f}" in readme and f"{sub['bytes_total']:,}" in readme
+    code_table = readme.split("## Code", 1)[1].split("```")[1].strip().splitlines()
+    assert any(ln.startswith("pgolf.train.trainer ") for ln in code_table)
+    assert code_table[-1].startswith("total") and code_table[-1].endswith(f"{sub['bytes_code']:,}")
     assert sum(r.bytes for r in artifact_size_table(out / "final_model.pgq")) == sub["bytes_model"]
 
     # a clean environment: no site processing (so the editable pgolf install is invisible), only the folders of
