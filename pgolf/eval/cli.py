@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a TTT setting (pgolf.eval.ttt.TTTSettings), e.g. --ttt-set epochs=1; repeatable")
     p.add_argument("--ttt-budget", type=float, default=0.0, metavar="SECONDS",
                    help="chunk mode: size epochs/chunk to this whole-eval time from a warm-up on random tokens")
+    p.add_argument("--study", choices=("prequant-ttt",), help="measure an ILLEGAL variant for study (never a record): "
+                   "pre-quantization TTT on the validation tokens of --checkpoint, re-quantized as the artifact, "
+                   "scored against the artifact's legal score; the report fails condition 3")
+    p.add_argument("--checkpoint", help="--study prequant-ttt: the run's pre-quantization final_model.pt")
+    p.add_argument("--study-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a study setting (pgolf.eval.study.PrequantSettings, e.g. epochs=6); a --recipe of pr1406, "
+                   "pr1499 or pr1550 sets that record's own")
+    p.add_argument("--study-out", metavar="DIR", help="write the study's artifact and a summary.json marking it a "
+                   "study (pgolf-pack packs it only as a non-record submission); refused if DIR exists unless --force")
+    p.add_argument("--force", action="store_true", help="replace an existing --study-out folder")
     p.add_argument("--summary", help="the training run's summary.json for the report's train time and code bytes "
                    "(default: summary.json beside the artifact, when present)")
     return p
@@ -84,6 +94,8 @@ def _score(args: argparse.Namespace) -> int:
 
         print(describe())
         return 0
+    if args.study:
+        return _study(args)
     t_start = time.perf_counter()
     overrides = _check_flags(args)
     opened = open_artifact(args.artifact, args.data, args.tokenizer, stride=args.stride, seq_len=args.seq_len,
@@ -114,12 +126,119 @@ def _score(args: argparse.Namespace) -> int:
     return 0 if report.ok else 3
 
 
+def _study(args: argparse.Namespace) -> int:
+    """--study prequant-ttt: the legal score of the artifact, then the illegal variant's, and the gain; the study
+    ledger records the violations and the report fails condition 3."""
+    from pgolf.eval import ComplianceReport, Ledger, run_ttt
+    from pgolf.eval.study import prequant_ttt, requantize
+    from pgolf.quant.artifact import build_model
+
+    settings, out = _check_study_flags(args)
+    opened = open_artifact(args.artifact, args.data, args.tokenizer, stride=args.stride, seq_len=args.seq_len,
+                           val_max_tokens=args.val_max_tokens, device=args.device)
+    check_stride(opened)
+    model = _checkpoint_model(args.checkpoint, opened)
+    val, tables, dev = opened["val"], opened["tables"], opened["device"]
+    ttt = ttt_settings(opened, {"epochs": 0, "probes": True})  # scoring only: sliding windows through the ledger
+    legal = run_ttt(build_model(opened["qm"], device=dev), val, tables, mode="chunk", settings=ttt, log=None)
+    print(f"legal: the artifact, sliding windows: val_loss:{legal.val_loss:.8f} val_bpb:{legal.val_bpb:.8f}")
+    ledger = Ledger(val.numel() - 1, study=True)
+    amp = torch_dtype(ttt.autocast_dtype)
+    adapted = prequant_ttt(model, val, settings, ledger, seq_len=opened["seq_len"], autocast_dtype=amp)
+    qm, how = requantize(model, opened["qm"], data=opened["data"], seq_len=opened["seq_len"],
+                         n_batches=settings.calibration_batches, log=lambda m: None)
+    study = run_ttt(build_model(qm, device=dev), val, tables, mode="chunk", settings=ttt, ledger=ledger, log=None)
+    gain = legal.val_bpb - study.val_bpb
+    print(f"study: pre-quant TTT ({settings.epochs} epochs on every validation token, re-quantized: {how}): "
+          f"val_loss:{study.val_loss:.8f} val_bpb:{study.val_bpb:.8f}")
+    print(f"gain of the illegal variant over the legal score: {gain:+.6f} bpb ({legal.val_loss - study.val_loss:+.6f}"
+          f" nats)")
+    report = ComplianceReport.build(study, artifact_bytes=None, code_bytes=None)
+    print(report.render())
+    if out is not None:
+        _write_study(out, qm, args, legal, study, adapted, how, settings)
+        print(f"study written to {out} (pgolf-pack packs it only as a non-record submission)")
+    print("STUDY RUN: an illegal variant measured for study; it is not a legal submission")
+    return 0
+
+
+def _check_study_flags(args: argparse.Namespace):
+    """(PrequantSettings, --study-out path or None); ConfigError for anything missing or conflicting."""
+    from pgolf.eval.study import RECORD_STUDIES, PrequantSettings
+
+    for flag in ("artifact", "data", "tokenizer", "checkpoint"):
+        if not getattr(args, flag):
+            raise ConfigError(f"--study {args.study} needs --{flag}")
+    if args.ttt or args.ttt_set or args.sliding:
+        raise ConfigError("--study runs its own scoring (sliding windows, legal and study); drop --ttt/--ttt-set/"
+                          "--sliding")
+    if args.recipe and args.recipe not in RECORD_STUDIES:
+        raise ConfigError(f"--recipe {args.recipe} has no pre-quant TTT to study; choose one of "
+                          f"{', '.join(RECORD_STUDIES)}")
+    try:
+        settings = PrequantSettings.from_dict({**RECORD_STUDIES.get(args.recipe, {}), **parse_sets(args.study_set)})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--study-set: {e}") from None
+    out = None
+    if args.study_out:
+        from pgolf.utils import check_writable, refuse_existing
+
+        out = Path(args.study_out)
+        refuse_existing(out, force=args.force, what="study folder", flag="--study-out")
+        check_writable(out.parent, "--study-out")
+    return settings, out
+
+
+def _checkpoint_model(path: str, opened: dict[str, Any]):
+    """The pre-quantization model of ``path``; InputError unless its config is the artifact's."""
+    from pgolf.model.config import GPTConfig
+    from pgolf.model.gpt import GPT
+    from pgolf.quant.cli import load_checkpoint
+
+    ck = load_checkpoint(path)
+    cfg = dict(ck["config"])
+    if GPTConfig.from_dict(cfg).to_dict() != GPTConfig.from_dict(dict(opened["qm"].config)).to_dict():
+        raise InputError(f"--checkpoint {path} holds another model than --artifact {opened.get('artifact')}: the "
+                         f"study compares the two, so pass the run's own final_model.pt")
+    model = GPT(GPTConfig.from_dict(cfg))
+    model.load_state_dict(ck["model"], strict=True)
+    return model.to(opened["device"])
+
+
+def _write_study(out: Path, qm, args, legal, study, adapted: dict, how: str, settings) -> None:
+    """The study's artifact and a summary.json that marks it (built in a temp folder, renamed into place)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from pgolf.quant.artifact import save_artifact
+    from pgolf.utils import staged_dir
+
+    with staged_dir(out, force=args.force, what="study folder", flag="--study-out") as tmp:
+        nbytes = save_artifact(tmp / "final_model.pgq", qm)
+        blob = (tmp / "final_model.pgq").read_bytes()
+        summary = dict(status="study", record=False,
+                       study=dict(kind="prequant-ttt", conditions_failed=["3 score before update"],
+                                  settings=dataclasses.asdict(settings), requantized=how, adaptation=adapted,
+                                  legal_val_bpb=legal.val_bpb, study_val_bpb=study.val_bpb,
+                                  gain_bpb=legal.val_bpb - study.val_bpb, source_artifact=str(args.artifact),
+                                  checkpoint=str(args.checkpoint)),
+                       artifact=dict(file="final_model.pgq", bytes_model=nbytes,
+                                     sha256=hashlib.sha256(blob).hexdigest(), val_bpb=study.val_bpb,
+                                     val_loss=study.val_loss))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def _check_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The TTT overrides (a recipe's, then --ttt-set's); ConfigError for flags that are missing, would be ignored or
     conflict. A recipe sets ``args.ttt``."""
     for flag in ("artifact", "data", "tokenizer"):
         if not getattr(args, flag):
             raise ConfigError(f"--{flag} is required (python -m pgolf.eval --help)")
+    if args.checkpoint or args.study_set or args.study_out:
+        raise ConfigError("pre-quantization TTT on the validation tokens is illegal (condition 3: every token scored "
+                          "before any update that used it); it runs only as a study: --study prequant-ttt "
+                          "--checkpoint RUN/final_model.pt")
     recipe_settings: dict[str, Any] = {}
     if args.recipe:
         from pgolf.eval.recipes import get

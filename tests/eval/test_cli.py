@@ -140,3 +140,28 @@ def test_recipe_list_and_bad_recipes(run, capsys):
     assert "--recipe 'pr9999' is not known" in capsys.readouterr().err
     assert main(_args(run_dir, "--recipe", "pr1148", "--ttt", "lora")) == 2
     assert "runs --ttt chunk" in capsys.readouterr().err
+
+
+def test_prequant_ttt_runs_only_as_a_study_and_fails_condition_3(run, tmp_path, capsys):
+    """#1550's illegal pre-quant TTT, measured openly: the legal score, the study's, the gain; the report FAILs
+    condition 3 and the study folder is marked as a study. A normal run refuses it by name."""
+    run_dir, _ = run
+    ck = str(run_dir / "final_model.pt")
+    assert main(_args(run_dir, "--checkpoint", ck)) == 2
+    assert "illegal (condition 3" in capsys.readouterr().err
+    out = tmp_path / "study"
+    assert main(_args(run_dir, "--study", "prequant-ttt", "--checkpoint", ck, "--recipe", "pr1550",
+                      "--study-set", "epochs=2", "--study-set", "lr=3e-3", "--study-out", str(out))) == 0
+    text = capsys.readouterr().out
+    legal = float(re.search(r"^legal: .* val_bpb:(\d+\.\d+)$", text, re.M).group(1))
+    study = float(re.search(r"^study: .* val_bpb:(\d+\.\d+)$", text, re.M).group(1))
+    gain = float(re.search(r"^gain of the illegal variant over the legal score: ([+-]\d+\.\d+) bpb", text, re.M)
+                 .group(1))
+    assert abs(gain - (legal - study)) < 1e-6 and study < legal  # fitting the validation text helps, illegally
+    assert "3 score before update     [FAIL] STUDY RUN" in text and "overall: NOT PASSING" in text
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "study" and s["record"] is False and s["study"]["gain_bpb"] == pytest.approx(gain, abs=1e-6)
+    assert (out / "final_model.pgq").stat().st_size == s["artifact"]["bytes_model"]
+    assert main(_args(run_dir, "--study", "prequant-ttt", "--checkpoint", ck, "--study-out", str(out))) != 0
+    err = capsys.readouterr().err
+    assert "--study-out" in err and "--force" in err  # never overwritten without --force
