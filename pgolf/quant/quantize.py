@@ -103,9 +103,6 @@ class QuantSettings:
         rule = self.embed_scales if group == "embed" else self.matrix_scales
         return getattr(self, f"{group}_bits"), getattr(self, f"{group}_k"), rule
 
-    def bits_k(self, group: str) -> tuple[int, float]:
-        return getattr(self, f"{group}_bits"), getattr(self, f"{group}_k")
-
     def kept(self, name: str) -> bool:
         return any(p and p in name for p in self.fp16_keep.split(","))
 

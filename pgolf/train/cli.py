@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k != "print_params"}
     cfg, model_cfg = resolve(flags.get("preset") or "sota", flags=flags)
     if args.print_params:
-        print_params(cfg.preset, model_cfg)
+        print_params(cfg.preset, model_cfg, aux_to_muon=cfg.muon_aux_matrices)
         return 0
     from pgolf.train.trainer import train
 
@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_params(preset: str, model_cfg) -> None:
+def print_params(preset: str, model_cfg, aux_to_muon: bool = False) -> None:
     """Exact parameter count, per optimizer group, of the model (built on the meta device: no memory)."""
     import torch
 
@@ -56,7 +56,7 @@ def print_params(preset: str, model_cfg) -> None:
 
     with torch.device("meta"):
         model = GPT(model_cfg)
-    groups = {k: sum(p.numel() for _, p in v) for k, v in model.optimizer_groups().items()}
+    groups = {k: sum(p.numel() for _, p in v) for k, v in model.optimizer_groups(aux_to_muon).items()}
     print(f"preset:{preset} params:{model.num_params()} "
           + " ".join(f"{k}:{v}" for k, v in groups.items()))
 
