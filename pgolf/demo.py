@@ -1,4 +1,4 @@
-"""``make demo`` / ``python -m pgolf.demo``: the whole pipeline on CPU in a few minutes, with the same answer every time.
+"""``make demo`` / ``python -m pgolf.demo``: the whole pipeline on CPU in a few minutes, the same answer every time.
 
 Builds the built-in synthetic corpus (a seeded sparse Markov chain whose entropy rate is known exactly), trains the
 ``tiny`` preset on it for a fixed number of steps, quantizes it (GPTQ + SDClip) into the artifact, re-evaluates the
