@@ -164,3 +164,13 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
+    """ValueError naming the keys of ``d`` that are not fields of the dataclass ``cls`` (and the known ones)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(d) - known)
+    if bad:
+        raise ValueError(f"unknown {what} {bad}; known: {sorted(known)}")

@@ -43,10 +43,9 @@ class PrequantSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PrequantSettings":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown study settings {bad}; known: {sorted(known)}")
+        from pgolf.utils import check_fields
+
+        check_fields(cls, d, "study settings")
         d = dict(d)
         if d.get("block_lr") is not None:
             d["block_lr"] = tuple(float(v) for v in d["block_lr"])

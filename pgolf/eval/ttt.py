@@ -137,10 +137,9 @@ class TTTSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TTTSettings":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown TTT settings {bad}; known: {sorted(known)}")
+        from pgolf.utils import check_fields
+
+        check_fields(cls, d, "TTT settings")
         d = dict(d)
         for k in ("params", "lora_sites", "ngram_orders", "slide_lora_sites"):
             if k in d and d[k] is not None:
