@@ -9,8 +9,9 @@ prints the compliance report, the size and budget tables and how close the model
 Nothing the demo computes depends on how fast the machine is: training runs ``--iterations`` steps with no training
 wall-clock cap (so the LR warmdown, ``warmdown_iters``, and the loop switch follow the step count), GPTQ calibrates
 on a fixed number of training batches, TTT runs its fixed, seeded plan, everything runs on the CPU with
-``--threads`` threads (a fixed count: the order of a parallel reduction depends on it), and the corpus and the
-tokenizer are built from a seed. The same machine type prints the same ``val_bpb`` every time; a busy machine prints
+``--threads`` threads (a fixed count: the order of a parallel reduction depends on it) that sleep rather than spin
+while they wait (``OMP_WAIT_POLICY=PASSIVE``: on a busy 2-core machine a spinning thread made a step 13 times
+slower), and the corpus and the tokenizer are built from a seed. The same machine type prints the same ``val_bpb`` every time; a busy machine prints
 it later. ``--guard-seconds`` only guards: past it the demo stops with an error instead of printing a result.
 
 The default run folder ``runs/demo`` belongs to the demo and is replaced by each demo run (it says so); a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -42,6 +44,7 @@ class DemoGuardExceeded(UserError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP: set before importing torch
     p = argparse.ArgumentParser(prog="python -m pgolf.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="data/synthetic", help="where the synthetic corpus is built (reused)")
     p.add_argument("--run-dir", default=None, help=f"default {DEFAULT_RUN_DIR} (the demo's own, replaced each run)")
