@@ -248,8 +248,8 @@ def run_eval(*, preset: str | None = "sota", artifact: str | None = None, smoke:
         torch.manual_seed(0)
         model = GPT(model_cfg).to(device)
         source = f"preset {preset} (random init: timing does not depend on the weights)"
-    if model_cfg.num_loops:
-        model.looping_active = True  # every eval runs with the loop on
+    if model_cfg.has_recurrence:
+        model.looping_active = True  # every eval runs with the recurrence on
     model.eval()
     window = train_cfg.eval_seq_len
     stride = train_cfg.eval_stride or 64

@@ -56,7 +56,8 @@ class StepSetup:
         c, t = self.model_cfg, self.train_cfg
         enc, dec = c.layer_plan(looping=True)
         loop = (f"loop L{c.loop_start}-{c.loop_end} x{c.num_loops + 1} ({len(enc) + len(dec)} virtual layers when on, "
-                f"on at {c.loop_activate_frac:.0%} of the wall clock)" if c.num_loops else "no depth recurrence")
+                f"on at {c.loop_activate_frac:.0%} of the wall clock)" if c.num_loops else
+                "appended recurrence" if c.has_recurrence else "no depth recurrence")
         share = self.tokens == t.train_batch_tokens // WORLD
         layout = (f"{self.tokens // self.seq_len} documents of {self.seq_len} tokens packed in one row (cu_seqlens)"
                   if self.packed else f"{self.tokens // self.seq_len} rows of {self.seq_len}")
@@ -227,7 +228,7 @@ def time_variant(setup: StepSetup, variant: str, device: torch.device, *, steps:
                 marks.mark()
             return loss.detach()
 
-        modes = [m for m in loops if c.num_loops or not m]
+        modes = [m for m in loops if c.has_recurrence or not m]
         for looping in modes:
             name = "loop_on" if looping else "loop_off"
             model.looping_active = looping
@@ -343,7 +344,7 @@ def project(variant_result: dict[str, Any], setup: StepSetup, *, world: int = WO
     else:
         f, s_off, s_on = 1.0, T / (per_mode["loop_off"]["t8_ms"] / 1e3), 0.0
     steps = s_off + s_on
-    partial = bool(c.num_loops) and "loop_on" not in per_mode  # loop on not timed: the steps are an upper bound
+    partial = c.has_recurrence and "loop_on" not in per_mode  # loop on not timed: the steps are an upper bound
     return dict(world=world, partial=partial, link_gbps=link_gbps, latency_us=latency_us, overlap=overlap, budget_s=seconds,
                 reserve_s=reserve, train_s=T, loop_frac=f, grad_bytes=grad_bytes, allgather_bytes=ag_bytes,
                 t_allreduce_ms=t_ar, t_allgather_ms=t_ag, f_ns=f_ns, n_collectives=n_coll, comm_ms=comm,

@@ -202,6 +202,7 @@ def _checkpoint_model(path: str, opened: dict[str, Any]):
                          f"study compares the two, so pass the run's own final_model.pt")
     model = GPT(GPTConfig.from_dict(cfg))
     model.load_state_dict(ck["model"], strict=True)
+    model.looping_active = model.config.has_recurrence  # as the artifact's model is scored
     return model.to(opened["device"])
 
 
