@@ -250,7 +250,14 @@ class _Reach:
             return
         methods = u.methods()
         body = [s for s in stmt.body if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))]
-        if m.lazy_annotations:  # never evaluated: a dataclass field's annotation names nothing that must exist
+        if m.lazy_annotations:  # not evaluated unless someone asks typing.get_type_hints: keep the names they use
+            for s in body:      # that cost nothing (typing, torch, a type alias), never pgolf code just for them
+                if isinstance(s, ast.AnnAssign):
+                    for n in ast.walk(s.annotation):
+                        if isinstance(n, ast.Name) and n.id not in m.aliases and m.binders.get(n.id) and all(
+                                isinstance(u.stmt, (ast.Import, ast.ImportFrom, ast.Assign, ast.AnnAssign))
+                                for u in m.binders[n.id]):
+                            self.keep_binding(m, n.id)
             body = [ast.Expr(s.value) if isinstance(s, ast.AnnAssign) and s.value else ast.Pass()
                     if isinstance(s, ast.AnnAssign) else s for s in body]
         shell = ast.ClassDef(name=stmt.name, bases=stmt.bases, keywords=stmt.keywords,

@@ -192,3 +192,39 @@ def test_compact_source_parses_to_the_same_tree_and_is_smaller():
         assert len(small) < len(src) or len(src) < 40, name
     doc = ast.unparse(ast.parse('def f():\n    """two\n    lines"""\n    return 1\n'))
     assert compact(doc) == doc  # a string over two lines: left as it was
+
+
+def _undefined_globals(src: str, name: str) -> set[str]:
+    """Global names a module reads that nothing in it binds and that are not builtins (annotations, which are never
+    evaluated here, do not count: symtable skips them under ``from __future__ import annotations``)."""
+    import builtins
+    import symtable
+
+    top = symtable.symtable(src, name, "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
+    used: set[str] = set()
+
+    def walk(t) -> None:
+        for s in t.get_symbols():
+            if s.is_referenced() and (s.is_global() or t.get_type() == "module"):
+                used.add(s.get_name())
+            if s.is_declared_global() and s.is_assigned():
+                bound.add(s.get_name())
+        for child in t.get_children():
+            walk(child)
+
+    walk(top)
+    return used - bound - set(dir(builtins)) - {"__file__", "__name__", "__doc__", "__spec__", "__path__"}
+
+
+@pytest.mark.parametrize("preset,device", [("sota", "auto"), ("tiny", "cpu"), ("pr1493", "auto")])
+def test_every_name_a_packed_module_reads_is_still_defined(preset, device):
+    from pgolf.quant import bundle
+    from pgolf.train.config import resolve
+
+    t, m = resolve(preset, env={}, flags=dict(device=device))
+    pk = bundle.packed(t.to_dict(), m.to_dict())
+    missing = {name: _undefined_globals(src, name) for name, (_, src) in pk.modules.items()}
+    assert not {k: v for k, v in missing.items() if v}
+    # the check itself sees a dropped definition
+    assert _undefined_globals("def f():\n    return g()\n", "x") == {"g"}
