@@ -91,6 +91,40 @@ def test_pack_writes_the_submission_and_its_train_gpt_reproduces_the_run_without
     assert not (cwd / "refused").exists()
 
 
+# the sota preset shrunk onto the synthetic corpus: its own feature set (LQER, int8 gates, two-lane residuals,
+# sparse gates, BOS SmearGate), so the branches decided for sota are the ones exercised
+SOTA_FLAGS = dict(iterations=3, max_wallclock_seconds=0, vocab_size=512, num_layers=4, model_dim=64, num_heads=4,
+                  num_kv_heads=2, mlp_hidden=128, xsa_last_n=4, loop_start=1, loop_end=2, parallel_start=3,
+                  train_batch_tokens=1024, train_seq_len=128, eval_seq_len=128, eval_stride=64, val_max_tokens=1024,
+                  quant_passthrough_max=1024, gptq_calibration_batches=2, lqer_top=2, warmup_steps=0, seed=SEED,
+                  train_log_every=1)
+
+
+@pytest.mark.slow
+def test_the_packed_sota_configuration_reproduces_its_run(tmp_path):
+    from tests.quant.helpers import flags_argv
+
+    c = corpus()
+    run_dir = tmp_path / "sota_run"
+    argv = [sys.executable, "-m", "pgolf.train", "--preset", "sota", "--data-path", c["shard_dir"],
+            "--tokenizer-path", c["tokenizer_path"], "--run-dir", str(run_dir)] + flags_argv(**SOTA_FLAGS)
+    r = subprocess.run(argv, cwd=REPO, env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "lqer: " in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    out = tmp_path / "packed"
+    assert pack_main([str(run_dir), "--out", str(out)]) == 0
+    assert "pgolf.kernels.xsa_attention" in (out / "train_gpt_readable.py").read_text()
+    cwd = tmp_path / "isolated"
+    cwd.mkdir()
+    env = child_env(PYTHONPATH=_site_dirs(), DATA_PATH=c["shard_dir"], TOKENIZER_PATH=c["tokenizer_path"],
+                    RUN_DIR=str(cwd / "run"))
+    again = subprocess.run([sys.executable, "-S", str(out / "train_gpt.py")], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert exact_lines(again.stdout) == exact_lines(r.stdout) and len(exact_lines(r.stdout)) >= 5
+    assert (cwd / "run" / "final_model.pgq").read_bytes() == (run_dir / "final_model.pgq").read_bytes()
+
+
 def test_bundle_holds_the_runtime_modules_and_the_run_differences():
     mods = bundle.module_closure()
     assert {"pgolf.train.trainer", "pgolf.quant.artifact", "pgolf.quant.calibrate", "pgolf.model.gpt",
