@@ -1,28 +1,32 @@
-"""What a packed run can reach: pgolf's sources cut down to the definitions its entry point can use.
+"""What a packed run can reach: pgolf's sources cut down to the definitions its entry points can use.
 
-:func:`reachable_sources` starts from one function (the packed program's ``main``) and follows names, never running
-anything: a module-level definition (function, class, constant, imported name) is kept only when kept code names it,
-directly (``f``), through a module (``pgolf.kernels.mlp``, ``from pgolf.eval import evaluate``), or as a custom op
-(``torch.ops.pgolf.mlp_up_fwd`` names the function decorated ``custom_op("pgolf::mlp_up_fwd")``). A module is
-packed only when kept code imports it. What a module does when imported (a registration call, a module-level
-``if``/``try``, ``sys.modules`` surgery) is always kept, with three exceptions that follow what they act on:
+:func:`reachable_sources` starts from named functions (the packed program's ``main`` and what its loader imports)
+and follows names, never running anything: a module-level definition (function, class, constant, imported name) is
+kept only when kept code names it, directly (``f``), through a module (``pgolf.kernels.mlp``,
+``from pgolf.eval import evaluate``), or as a custom op (``torch.ops.pgolf.mlp_up_fwd`` names the function decorated
+``custom_op("pgolf::mlp_up_fwd")``). A module is packed only when kept code imports it. What a module does when
+imported (a registration call, a module-level ``if``/``try``, ``sys.modules`` surgery) is always kept, with three
+exceptions that follow what they act on:
 
 - ``X.register_fake`` / ``X.register_autograd`` / ``X.register_kernel`` on a custom op ``X`` stay with ``X``;
 - ``pgolf.kernels.register(op, backend, fn)`` in an op's Triton module stays when the model's dispatch function
   ``pgolf.kernels.<op>`` is reached, and the op's Triton module (``pgolf.kernels.TRITON_MODULES``, imported by name
-  at run time) is packed for exactly those ops, or for none when the run is CPU-only (``triton=False``);
+  at run time) is packed for exactly those ops, or for none when ``op_modules`` is empty (a CPU-only run);
 - ``__all__`` and ``if __name__ == "__main__":`` blocks are dropped (nothing in a bundle star-imports or runs a
   module as a script).
 
-It is conservative where Python is dynamic: a class is kept whole (methods are reached through objects), a module
-object used as a value (``getattr(reference, op)``) keeps that whole module, a module-level ``__getattr__`` is always
-kept, and a module-level assignment whose value calls anything but known value constructors or the module's own
-helpers counts as an import-time effect. A name that cannot be resolved raises :class:`ReachError` instead of
-producing a program that would fail later.
+A kept class keeps its dunder methods, the methods whose names kept code reads as attributes (or as strings, for
+``getattr``), and those its torch/stdlib base classes define (a framework may call them: ``forward``, ``backward``,
+``step``, resolved by importing the base at pack time; a base that cannot be resolved keeps every method). It is
+conservative where Python is dynamic: a module object used as a value (``getattr(reference, op)``) keeps that whole
+module, a module-level ``__getattr__`` is always kept, and a module-level assignment whose value calls anything but
+known value constructors or the module's own helpers counts as an import-time effect. A name that cannot be
+resolved raises :class:`ReachError` instead of producing a program that would fail later.
 
-The kept statements are then minified (:func:`minify_tree`): docstrings dropped, annotations dropped from functions
-whose decorators do not read them (``custom_op`` and ``triton.jit`` do; dataclass fields keep theirs) and from
-module-level and local variables, and the code re-indented with one space per level. Semantics are unchanged.
+The kept statements are minified: docstrings dropped, annotations dropped from functions whose decorators do not read
+them (``custom_op`` and ``triton.jit`` do; dataclass fields keep theirs) and from module-level and local variables
+(:func:`minify_tree`), then written with one space per level, no spaces a token does not need and simple statements
+joined (:func:`compact`, kept only when it parses to the same tree). Semantics are unchanged.
 """
 
 from __future__ import annotations
