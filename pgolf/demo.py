@@ -134,8 +134,11 @@ def fix_threads(n: int) -> None:
 @contextlib.contextmanager
 def wall_clock_guard(seconds: float) -> Iterator[None]:
     """Raise :class:`DemoGuardExceeded` in the main thread once ``seconds`` of wall clock have passed (0: never;
-    also never where SIGALRM does not exist). It stops the demo; it changes nothing the demo computes."""
-    if not seconds or not hasattr(signal, "setitimer"):
+    also never where SIGALRM does not exist or off the main thread). It stops the demo; it changes nothing the demo
+    computes."""
+    import threading
+
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield
         return
 
