@@ -207,7 +207,8 @@ def _checkpoint_model(path: str, opened: dict[str, Any]):
 
 
 def _write_study(out: Path, qm, args, legal, study, adapted: dict, how: str, settings) -> None:
-    """The study's artifact and a summary.json that marks it (built in a temp folder, renamed into place)."""
+    """The study's artifact and the run's summary.json marked as a study, with the study artifact's size, SHA-256
+    and scores (built in a temp folder, renamed into place): pgolf-pack packs it, as a non-record only."""
     import dataclasses
     import hashlib
     import json
@@ -215,18 +216,19 @@ def _write_study(out: Path, qm, args, legal, study, adapted: dict, how: str, set
     from pgolf.quant.artifact import save_artifact
     from pgolf.utils import staged_dir
 
+    run = read_summary(args.summary or Path(args.artifact).with_name("summary.json"), required=True)
     with staged_dir(out, force=args.force, what="study folder", flag="--study-out") as tmp:
         nbytes = save_artifact(tmp / "final_model.pgq", qm)
         blob = (tmp / "final_model.pgq").read_bytes()
-        summary = dict(status="study", record=False,
-                       study=dict(kind="prequant-ttt", conditions_failed=["3 score before update"],
+        art = dict(run.get("artifact") or {}, file="final_model.pgq", path=str(out / "final_model.pgq"),
+                   bytes_model=nbytes, sha256=hashlib.sha256(blob).hexdigest(), val_bpb=study.val_bpb,
+                   val_loss=study.val_loss, sliding=None, bytes_total=None, headroom=None)
+        summary = dict(run, status="study", record=False, artifact=art,
+                       study=dict(kind="prequant-ttt", conditions_failed=["3 (score before update)"],
                                   settings=dataclasses.asdict(settings), requantized=how, adaptation=adapted,
                                   legal_val_bpb=legal.val_bpb, study_val_bpb=study.val_bpb,
                                   gain_bpb=legal.val_bpb - study.val_bpb, source_artifact=str(args.artifact),
-                                  checkpoint=str(args.checkpoint)),
-                       artifact=dict(file="final_model.pgq", bytes_model=nbytes,
-                                     sha256=hashlib.sha256(blob).hexdigest(), val_bpb=study.val_bpb,
-                                     val_loss=study.val_loss))
+                                  checkpoint=str(args.checkpoint)))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -11,7 +11,11 @@ The folder (name it like ``records/track_10min_16mb/<date>_<name>``) gets:
 - ``submission.json`` (name, author, github_id, blurb, date, val_loss, val_bpb, bytes_total, bytes_model,
   bytes_code, ...) and ``README.md`` with the results table.
 
-What is packed is checked first: the run must be complete, and its artifact is the file inside RUN_DIR (never a
+A study folder (``python -m pgolf.eval --study ... --study-out``: an illegal variant measured openly) packs only as a
+non-record submission: ``submission.json`` says ``"track": "non-record"`` with the study and the condition it
+fails, and the README's first lines say so.
+
+What is packed is checked first: the run must be complete (or a study), and its artifact is the file inside RUN_DIR (never a
 path stored in the summary), whose size and SHA-256 must equal the ones the run recorded when it wrote and scored
 it, and whose header's tokenizer fingerprint and model config must equal the run's; anything else (a copied run
 folder without its artifact, a re-quantized artifact) is refused by name. The folder is built in a temp folder
@@ -61,6 +65,8 @@ def pack(run_dir: str | Path, out: str | Path, *, name: str | None = None, autho
                           f"bits (see the run's size table), or pass --allow-over-budget")
     digest = sources_digest()
     sub = _submission(s, art, name, author, github_id, blurb, len(blob), bytes_code, digest)
+    if s.get("status") == "study":
+        sub.update(_non_record(s["study"]))
     notes = _notes(art, digest, bytes_code)
     table = format_size_table(artifact_size_table(blob), bytes_code)
     code_table = format_code_table(code_size_table(s["config"], s["model"]))
@@ -99,7 +105,10 @@ def read_run_summary(run_dir: Path) -> tuple[dict[str, Any], bytes]:
         missing = [k for k in SUMMARY_KEYS if not isinstance(s, dict) or k not in s]
         raise InputError(f"{path} is not a pgolf run summary (missing {', '.join(missing)})")
     status = s.get("status", "complete")
-    if status != "complete":
+    if status == "study" and not isinstance(s.get("study"), dict):
+        raise InputError(f"{path} says status 'study' but holds no study section; it was not written by "
+                         f"python -m pgolf.eval --study-out")
+    if status not in ("complete", "study"):
         hint = " ".join(s.get("resume") or [])
         raise InputError(f"the run in {run_dir} is not complete (status {status!r}"
                          f"{', failed in ' + str(s.get('failed_phase')) if s.get('failed_phase') else ''}); "
@@ -153,6 +162,14 @@ def _submission(s: dict, art: dict, name, author, github_id, blurb, bytes_model:
     }
 
 
+def _non_record(study: dict[str, Any]) -> dict[str, Any]:
+    """The submission.json fields of a study: never a record."""
+    failed = ", ".join(study.get("conditions_failed") or [])
+    return {"track": "non-record", "record": False, "study": study,
+            "name_note": f"NON-RECORD STUDY: {study.get('kind')} (fails condition {failed}); gain over the legal score "
+                         f"{study.get('gain_bpb', 0.0):+.6f} bpb"}
+
+
 def _notes(art: dict, digest: str, bytes_code: int) -> list[str]:
     notes = []
     if art.get("code_digest") and art["code_digest"] != digest:
@@ -183,7 +200,11 @@ def _readme(sub: dict, s: dict, art: dict, table: str, code_table: str, art_name
         ("seed / world size / device", f"{sub['seed']} / {sub['world_size']} / {sub['device']}"),
         ("torch", str(sub["torch"])),
     ]
-    lines = [f"# {sub['name']}", "", sub["blurb"], "", "| | |", "|---|---|"]
+    lines = [f"# {sub['name']}", ""]
+    if sub.get("track") == "non-record":
+        lines += [f"**{sub['name_note']}.** An illegal variant measured for study (python -m pgolf.eval --study); "
+                  f"not a record submission.", ""]
+    lines += [sub["blurb"], "", "| | |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     st = art.get("settings", {})
     lines += ["", "## Quantization", "",

@@ -165,3 +165,10 @@ def test_prequant_ttt_runs_only_as_a_study_and_fails_condition_3(run, tmp_path, 
     assert main(_args(run_dir, "--study", "prequant-ttt", "--checkpoint", ck, "--study-out", str(out))) != 0
     err = capsys.readouterr().err
     assert "--study-out" in err and "--force" in err  # never overwritten without --force
+    # pgolf-pack packs a study only as a non-record submission, labelled so
+    from pgolf.quant.pack import pack
+
+    sub = pack(out, tmp_path / "packed", allow_over_budget=True)
+    assert sub["track"] == "non-record" and sub["record"] is False and "NON-RECORD STUDY" in sub["name_note"]
+    assert sub["val_bpb"] == pytest.approx(study, abs=1e-8)
+    assert (tmp_path / "packed" / "README.md").read_text().splitlines()[2].startswith("**NON-RECORD STUDY")
