@@ -75,7 +75,7 @@ def test_demo_writes_and_reevaluates_its_artifact(tmp_path, capsys):
     from pgolf.demo import main
 
     data_dir = str(Path(corpus()["shard_dir"]).parent)  # the cached small corpus (same parameters: reused)
-    assert main(["--data-dir", data_dir, "--train-docs", "300", "--val-docs", "12", "--seconds", "2",
+    assert main(["--data-dir", data_dir, "--train-docs", "300", "--val-docs", "12", "--iterations", "4",
                  "--run-dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
@@ -87,4 +87,4 @@ def test_demo_writes_and_reevaluates_its_artifact(tmp_path, capsys):
     assert "overall: PASS" in report and "4 single pass             [pass]" in report
     art = json.loads((tmp_path / "demo" / "summary.json").read_text())["artifact"]
     assert (tmp_path / "demo" / "final_model.pgq").stat().st_size == art["bytes_model"]
-    assert lines[-2] == f"val_bpb: {art['val_bpb']:.4f}"
+    assert lines[-2] == f"val_bpb: {art['val_bpb']:.8f}"
