@@ -174,3 +174,24 @@ def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
     bad = sorted(set(d) - known)
     if bad:
         raise ValueError(f"unknown {what} {bad}; known: {sorted(known)}")
+
+
+@contextlib.contextmanager
+def distributed_session() -> Iterator[None]:
+    """Close this process's torch.distributed group on the way out of the block, however it is left.
+
+    After a block that completed, every rank meets at a barrier first: a rank that tears its sockets down while
+    a peer is still finishing makes gloo abort that peer (SIGABRT, "terminate called without an active
+    exception"). After an error there is no barrier (the peers may never arrive); the group is just destroyed.
+    """
+    import torch.distributed as dist
+
+    completed = False
+    try:
+        yield
+        completed = True
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            if completed:
+                dist.barrier()
+            dist.destroy_process_group()

@@ -39,8 +39,10 @@ def _train(args: argparse.Namespace) -> int:
         print_params(cfg.preset, model_cfg, aux_to_muon=cfg.muon_aux_matrices)
         return 0
     from pgolf.train.trainer import train
+    from pgolf.utils import distributed_session
 
-    summary = train(cfg, model_cfg)
+    with distributed_session():  # under torchrun: every rank leaves together, then the group is closed
+        summary = train(cfg, model_cfg)
     art = summary.get("artifact") or {}
     scored = f" artifact_val_bpb:{art['val_bpb']:.6f} bytes_total:{art.get('bytes_total', 0)}" if art else ""
     print(f"val_bpb:{summary['val_bpb']:.6f}{scored} steps:{summary['steps']} "

@@ -22,6 +22,7 @@ from torch import nn
 from pgolf.data.tokenizer import ByteTables, count_bytes
 from pgolf.eval import EvalResult, evaluate, evaluate_sliding
 from pgolf.eval.scoring import CU_SEQLENS_MULTIPLE, window_cu_seqlens as _window_cu_seqlens
+from pgolf.utils import distributed_session
 
 LN2 = math.log(2.0)
 BOS = 1
@@ -327,7 +328,7 @@ def _dist_worker(rank, world_size, init_file, out_file):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with distributed_session():
         tokens = make_tokens(7 * 16 + 1, V, seed=12)
         model = LagModel(V, (0, 1), seed=13)
         res = evaluate(model, tokens, TABLES, seq_len=16, batch_seqs=2)
@@ -335,8 +336,6 @@ def _dist_worker(rank, world_size, init_file, out_file):
         if rank == 0:
             with open(out_file, "w") as f:
                 json.dump([res.to_dict(), sl.to_dict()], f)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

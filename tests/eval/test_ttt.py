@@ -22,6 +22,7 @@ from pgolf.data.tokenizer import ByteTables
 from pgolf.eval import ComplianceViolation, Ledger, MeasuredRates, evaluate_sliding, plan_ttt, run_ttt
 from pgolf.eval.ttt import ChunkTTT, DocLoRA, LoRAHooks, TTTSettings, cosine_lr, document_spans, lora_token_nll
 from pgolf.model import GPT, GPTConfig
+from pgolf.utils import distributed_session
 
 BOS = 1
 NW = 24
@@ -430,7 +431,7 @@ def _dist_worker(rank, world, port, path, out):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with distributed_session():
         model = GPT(SMALL_CFG)
         model.load_state_dict(torch.load(path, weights_only=True))
         val = drift_val(4096)
@@ -440,8 +441,6 @@ def _dist_worker(rank, world, port, path, out):
             res[mode] = {"nll": r.nll_sum, "tokens": r.tokens, "scored": r.ledger.tokens_scored,
                          "steps": r.adapt_steps, "max": r.ledger.max_times_scored, "gap": r.ledger.min_adapt_gap}
         torch.save(res, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")

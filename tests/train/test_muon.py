@@ -19,6 +19,7 @@ import pgolf.kernels
 from pgolf.train.muon import (CLASSIC_COEFFS, POLAR_EXPRESS_COEFFS, Muon, ns_coefficients, orthogonality_error,
                               shape_scale)
 from pgolf.train.optim import Optimizers, build_optimizers
+from pgolf.utils import distributed_session
 
 NAMES = ("classic", "polar_express")
 
@@ -355,15 +356,13 @@ def _dist_worker(rank, world, port, outdir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    try:
+    with distributed_session():
         params, opt = _dist_problem()
         _dist_run(params, opt)
         torch.save({"params": [p.detach().clone() for p in params],
                     "bufs": {i: opt.state[p]["momentum_buffer"].clone() for i, p in enumerate(params)
                              if "momentum_buffer" in opt.state[p]}},
                    Path(outdir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def free_port() -> int:

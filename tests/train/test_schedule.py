@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pgolf.train.schedule import WallClock, lr_multiplier, lr_multiplier_iters, muon_momentum
+from pgolf.utils import distributed_session
 
 
 def test_lr_multiplier_boundaries():
@@ -140,7 +141,7 @@ def _stop_worker(rank, world, port, outdir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    try:
+    with distributed_session():
         clk = FakeClock()
         wc = WallClock(10, clock=clk)
         wc.start()
@@ -149,8 +150,6 @@ def _stop_worker(rank, world, port, outdir):
         clk.t += 6.0 if rank == 1 else 1.0  # only rank 1 passes the cap
         after = wc.should_stop()
         (Path(outdir) / f"rank{rank}.txt").write_text(f"{int(before)} {int(after)}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_wallclock_should_stop_is_unanimous_across_ranks():

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pgolf.data.synthetic import build_default_corpus
 from pgolf.model.gpt import GPT
 from pgolf.train.config import resolve
 from pgolf.train.trainer import TrainingDiverged, train
+from pgolf.utils import distributed_session
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_MODEL = dict(model_dim=64, num_heads=4, num_kv_heads=2, mlp_hidden=128, num_layers=4)
@@ -143,14 +143,11 @@ def _rank_main(rank, world, port, corpus, run_dir, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    try:
+    with distributed_session():
         cfg, model_cfg = settings(corpus, run_dir, grad_accum_base=2, loader="packed", seed=11, iterations=3)
         s = train(cfg, model_cfg, log=lambda m: None)
         if rank == 0:
             torch.save({"losses": losses(s), "val_bpb": s["val_bpb"], "state": s["model_obj"].state_dict()}, out)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_two_rank_gloo_run_matches_one_rank_with_the_same_global_batch(corpus, tmp_path):
@@ -210,14 +207,11 @@ def _rank_skewed_clock(rank, world, port, corpus, run_dir, out_dir):
     if rank == 1:
         real = schedule.WallClock.frac
         schedule.WallClock.frac = property(lambda self: real.fget(self) + 0.3)
-    try:
+    with distributed_session():
         cfg, model_cfg = settings(corpus, run_dir, grad_accum_base=2, seed=11, iterations=6,
                                   max_wallclock_seconds=3600.0, gptq_reserve_seconds=0.0, loop_activate_frac=0.2)
         s = train(cfg, model_cfg, log=lambda m: None)
         torch.save({"loop_on_step": s["loop_on_step"]}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_ranks_with_skewed_clocks_switch_the_loop_at_the_same_step(corpus, tmp_path):
