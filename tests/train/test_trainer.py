@@ -29,6 +29,19 @@ def corpus(tmp_path_factory):
     return build_default_corpus(tmp_path_factory.mktemp("synthetic"), num_train_docs=1500, num_val_docs=60)
 
 
+# Runs compared bit for bit use one torch thread: with two threads set explicitly, the first run in a process
+# can differ from later ones in the last digits (torch's CPU thread pool, not pgolf: one thread never does).
+@pytest.fixture
+def single_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+bitwise = pytest.mark.usefixtures("single_thread")
+
+
 def settings(corpus, run_dir, **overrides):
     flags = dict(data_path=corpus["shard_dir"], tokenizer_path=corpus["tokenizer_path"], run_dir=str(run_dir),
                  max_wallclock_seconds=0.0, iterations=4, train_batch_tokens=1024, train_seq_len=128,
@@ -46,6 +59,7 @@ def losses(summary):
     return [h["train_loss"] for h in summary["history"]]
 
 
+@bitwise
 def test_same_seed_same_losses_and_other_seed_differs(corpus, tmp_path):
     a = run(corpus, tmp_path / "a", seed=7)
     b = run(corpus, tmp_path / "b", seed=7)
@@ -56,6 +70,7 @@ def test_same_seed_same_losses_and_other_seed_differs(corpus, tmp_path):
     assert losses(a) != losses(c)
 
 
+@bitwise
 def test_compile_warmup_restores_the_initial_state(corpus, tmp_path):
     """Warm-up steps on synthetic tokens must leave no trace: the timed run is identical to a run without them."""
     plain = run(corpus, tmp_path / "plain", seed=3, warmup_steps=0)
@@ -221,6 +236,7 @@ def test_ranks_with_skewed_clocks_switch_the_loop_at_the_same_step(corpus, tmp_p
     assert steps[0] is not None and steps[0] == steps[1]
 
 
+@bitwise
 def test_doc_isolated_eval_changes_only_the_evaluation(corpus, tmp_path):
     plain = run(corpus, tmp_path / "plain", seed=5, quant_method="none")
     iso = run(corpus, tmp_path / "iso", seed=5, quant_method="none", eval_doc_isolated=True)
