@@ -272,16 +272,21 @@ def _common(n, u, with_bigram=True):
     return sd
 
 
+def _block_linears(n, p):
+    """One block's attention and MLP matrices, in the scripts' names."""
+    return {p + "attn.c_q.weight": n(D, D, std=D ** -0.5), p + "attn.c_k.weight": n(HKV * HD, D, std=D ** -0.5),
+            p + "attn.c_v.weight": n(HKV * HD, D, std=D ** -0.5), p + "attn.proj.weight": n(D, D, std=D ** -0.5),
+            p + "mlp.fc.weight": n(HID, D, std=D ** -0.5), p + "mlp.proj.weight": n(D, HID, std=HID ** -0.5)}
+
+
 def pr490_state_dict(seed=0, prefix="_orig_mod."):
     """Random #490 weights in the script's names and saved dtypes (bf16 embeddings and attn_gate weight)."""
     n, u = _rand(seed)
     sd = _common(n, u)
     for i in range(L):
         p = f"blocks.{i}."
-        sd.update({p + "attn.c_q.weight": n(D, D, std=D ** -0.5), p + "attn.c_k.weight": n(HKV * HD, D, std=D ** -0.5),
-                   p + "attn.c_v.weight": n(HKV * HD, D, std=D ** -0.5), p + "attn.proj.weight": n(D, D, std=D ** -0.5),
-                   p + "mlp.fc.weight": n(HID, D, std=D ** -0.5), p + "mlp.proj.weight": n(D, HID, std=HID ** -0.5),
-                   p + "attn.attn_gate.weight": n(H, D, std=0.3).bfloat16(), p + "attn.attn_gate.bias": u(H, a=-1, b=2)})
+        sd.update(_block_linears(n, p))
+        sd.update({p + "attn.attn_gate.weight": n(H, D, std=0.3).bfloat16(), p + "attn.attn_gate.bias": u(H, a=-1, b=2)})
         if i > 0:
             sd[p + "attn.vr_lambda"] = u(2, a=0.2, b=0.9)
         _block_scalars(sd, n, u, i)
@@ -296,10 +301,8 @@ def pr1499_state_dict(seed=0, prefix=""):
     sd = _common(n, u)
     for i in range(L):
         p = f"blocks.{i}."
-        sd.update({p + "attn.c_q.weight": n(D, D, std=D ** -0.5), p + "attn.c_k.weight": n(HKV * HD, D, std=D ** -0.5),
-                   p + "attn.c_v.weight": n(HKV * HD, D, std=D ** -0.5), p + "attn.proj.weight": n(D, D, std=D ** -0.5),
-                   p + "mlp.fc.weight": n(HID, D, std=D ** -0.5), p + "mlp.proj.weight": n(D, HID, std=HID ** -0.5),
-                   p + "mlp.hidden_gain": u(HID, a=0.5, b=1.5)})
+        sd.update(_block_linears(n, p))
+        sd.update({p + "mlp.hidden_gain": u(HID, a=0.5, b=1.5)})
         if i > 0:
             sd[p + "attn.v_lambda"] = n(2)
         _block_scalars(sd, n, u, i)
