@@ -96,6 +96,14 @@ def refuse_existing(path: str | os.PathLike, *, force: bool, what: str, flag: st
     return there
 
 
+def check_output(path: str | os.PathLike, *, force: bool, what: str, flag: str = "--out") -> bool:
+    """Before any work: ``path`` may be written (its folder is writable or can be made) and replaces nothing
+    unless ``force`` (:func:`refuse_existing`, :func:`check_writable`). Returns whether something is there."""
+    there = refuse_existing(path, force=force, what=what, flag=flag)
+    check_writable(Path(path).parent, flag)
+    return there
+
+
 @contextlib.contextmanager
 def staged_dir(target: str | os.PathLike, *, force: bool, what: str = "output folder",
                flag: str = "--out") -> Iterator[Path]:

@@ -609,10 +609,9 @@ def _main(argv: Sequence[str] | None) -> int:
     check_settings(ngram=args.ngram, examples=args.examples, chunk_tokens=CHUNK_TOKENS, base=DEFAULT_BASE,
                    bos_id=args.bos_id)
     if args.json:
-        from pgolf.utils import check_writable, refuse_existing
+        from pgolf.utils import check_output
 
-        refuse_existing(args.json, force=args.force, what="JSON report", flag="--json")
-        check_writable(Path(args.json).parent, "--json")
+        check_output(args.json, force=args.force, what="JSON report", flag="--json")
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
     report = find_overlap(args.data, ngram=args.ngram, tokenizer=args.tokenizer, bos_id=args.bos_id,
                           examples=args.examples, progress=say)

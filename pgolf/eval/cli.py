@@ -181,11 +181,10 @@ def _check_study_flags(args: argparse.Namespace):
         raise ConfigError(f"--study-set: {e}") from None
     out = None
     if args.study_out:
-        from pgolf.utils import check_writable, refuse_existing
+        from pgolf.utils import check_output
 
         out = Path(args.study_out)
-        refuse_existing(out, force=args.force, what="study folder", flag="--study-out")
-        check_writable(out.parent, "--study-out")
+        check_output(out, force=args.force, what="study folder", flag="--study-out")
     return settings, out
 
 

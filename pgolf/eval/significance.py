@@ -544,14 +544,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from pgolf.utils import check_writable, refuse_existing
+    from pgolf.utils import check_output
 
     if args.bytes_per_token is not None and not (math.isfinite(args.bytes_per_token) and args.bytes_per_token > 0):
         raise ConfigError(f"--bytes-per-token {args.bytes_per_token}: must be a positive number (validation bytes "
                           f"per token, about 2.44 for sp1024 and 3.73 for sp8192 on the challenge's validation set)")
     if args.json:
-        refuse_existing(args.json, force=args.force, what="JSON report", flag="--json")
-        check_writable(Path(args.json).parent, "--json")
+        check_output(args.json, force=args.force, what="JSON report", flag="--json")
 
 
 def _log_files(item: str) -> list[Path]:

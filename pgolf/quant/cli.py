@@ -109,15 +109,14 @@ def checked_inputs(args: argparse.Namespace):
     from pgolf.model.config import GPTConfig
     from pgolf.model.gpt import GPT
     from pgolf.train.config import check_paths, resolve, validate
-    from pgolf.utils import check_writable, refuse_existing
+    from pgolf.utils import check_output
 
     flags = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out", "compare_layouts", "threads")}
     cfg, _ = resolve(flags.get("preset") or "sota", flags=flags)
     out = Path(args.out)
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; pass the artifact file to write (e.g. {out / 'final_model.pgq'})")
-    refuse_existing(out, force=cfg.force, what="artifact", flag="--out")
-    check_writable(out.parent, "--out")
+    check_output(out, force=cfg.force, what="artifact", flag="--out")
     ck = load_checkpoint(args.checkpoint)
     try:
         model_cfg = GPTConfig.from_dict(ck["config"])
