@@ -128,7 +128,7 @@ def test_every_recipe_runs_legally_on_the_built_in_corpus(run, capsys, name):
     assert main(_args(run_dir, "--recipe", name, *small)) == 0
     out = capsys.readouterr().out
     assert "overall: PASS" in out and "3 score before update     [pass]" in out
-    assert re.search(rf"^final_ttt_\w+_exact val_loss:\d+\.\d+ val_bpb:\d+\.\d+$", out, re.M)
+    assert re.search(r"^final_ttt_\w+_exact val_loss:\d+\.\d+ val_bpb:\d+\.\d+$", out, re.M)
 
 
 def test_recipe_list_and_bad_recipes(run, capsys):
