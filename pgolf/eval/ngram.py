@@ -144,7 +144,7 @@ class NGramMixer:
                 continue
             c1, c2, _ = self.cache.lookup(tokens, targets[j].expand(V), cand)
             p_ng[j] = c2[order[j]].double() / c1[order[j]].double()
-        c = torch.where(order >= 0, c_ctx.gather(0, order.clamp(min=0)[None])[0], 0)
+        c = _at_order(c_ctx, order)
         alpha = self._alpha(c[:, None].expand(M, V), -logp_nn.double())
         return torch.log((1.0 - alpha) * logp_nn.double().exp() + alpha * p_ng)
 
@@ -152,9 +152,7 @@ class NGramMixer:
         """(c(ctx) of the chosen order (0: none), p_ng(y)) per target."""
         c_ctx, c_pair, _ = self.cache.lookup(tokens, targets, y)
         order = self._order(c_ctx)
-        idx = order.clamp(min=0)[None]
-        c = torch.where(order >= 0, c_ctx.gather(0, idx)[0], 0)
-        pair = torch.where(order >= 0, c_pair.gather(0, idx)[0], 0)
+        c, pair = _at_order(c_ctx, order), _at_order(c_pair, order)
         return c, torch.where(c > 0, pair.double() / c.clamp(min=1).double(), 0.0)
 
     def _order(self, c_ctx: Tensor) -> Tensor:
@@ -169,6 +167,11 @@ class NGramMixer:
             return torch.where(c > 0, torch.clamp(0.2 * (1.0 + nll / 3.0), max=0.5), 0.0)
         c = c.double()
         return self.alpha * c / (c + self.kappa) if self.kappa > 0 else torch.where(c > 0, self.alpha, 0.0)
+
+
+def _at_order(counts: Tensor, order: Tensor) -> Tensor:
+    """counts (O, M) read at each target's chosen order (M,); 0 where no order was chosen (−1)."""
+    return torch.where(order >= 0, counts.gather(0, order.clamp(min=0)[None])[0], 0)
 
 
 class _CountTable:

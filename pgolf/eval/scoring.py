@@ -224,7 +224,7 @@ def window_cu_seqlens(x_flat: Tensor, width: int, bos_id: int | None, multiple: 
 def eval_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """The model with its weights cast to ``dtype`` once (eval only; the caller's model is not changed): under
     autocast every forward would cast the fp32 weights again. None, fp32 or a CPU model: the model itself."""
-    if dtype is None or dtype == torch.float32 or next(iter(model.parameters())).device.type != "cuda":
+    if dtype is None or dtype == torch.float32 or model_device(model).type != "cuda":
         return model
     return copy.deepcopy(model).to(dtype)
 
