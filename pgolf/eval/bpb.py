@@ -75,10 +75,6 @@ def _rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return model_device(model)
-
-
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no grad; the previous training mode is restored afterwards.
@@ -93,12 +89,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _score_plan(model: nn.Module, tokens: Tensor, tables: ByteTables, starts: Tensor, lengths: Tensor,
@@ -172,7 +162,7 @@ def evaluate(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, seq_le
         raise ValueError(f"need seq_len >= 1 and batch_seqs >= 1, got {seq_len}, {batch_seqs}")
     t0 = time.perf_counter()
     rank, world_size = _resolve_rank(rank, world_size)
-    device = _model_device(model)
+    device = model_device(model)
     tokens = _prepare_tokens(val_tokens, device)
     n_windows = max(tokens.numel() - 1, 0) // seq_len
     if n_windows == 0:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pgolf.eval.bpb import _autocast, _model_device
+from pgolf.eval.scoring import autocast_for, model_device
 from pgolf.eval.ledger import assert_not_validation
 
 
@@ -53,7 +53,7 @@ def measure_rates(model: nn.Module, *, seq_len: int, batch_seqs: int, iters: int
     from a seeded generator. Every batch is checked by :func:`assert_not_validation` first. The model's weights
     are never changed and its ``.grad`` fields are restored.
     """
-    device = _model_device(model)
+    device = model_device(model)
     V = vocab_size or model.config.vocab_size
     gen = torch.Generator().manual_seed(seed + 7919)
     src = iter(batches) if batches is not None else None
@@ -77,7 +77,7 @@ def measure_rates(model: nn.Module, *, seq_len: int, batch_seqs: int, iters: int
                 b = next_batch()
                 _sync(device)
                 t0 = time.perf_counter()
-                with _autocast(device, autocast_dtype):
+                with autocast_for(device, autocast_dtype):
                     model.loss(b[:, :-1], b[:, 1:], reduction="none")
                 _sync(device)
                 if i >= warmup:
@@ -90,7 +90,7 @@ def measure_rates(model: nn.Module, *, seq_len: int, batch_seqs: int, iters: int
             b = next_batch()
             _sync(device)
             t0 = time.perf_counter()
-            with _autocast(device, autocast_dtype):
+            with autocast_for(device, autocast_dtype):
                 loss = model.loss(b[:, :-1], b[:, 1:])
             loss.backward()
             _sync(device)

@@ -132,7 +132,7 @@ class WindowScorer:
         on every position, the head on ``pos`` only."""
         B, T = x.shape
         xg, yg = x.gather(1, pos), y.gather(1, pos)
-        with _autocast(self.device, self.autocast_dtype):
+        with autocast_for(self.device, self.autocast_dtype):
             kw = {}
             if self.doc_isolated:
                 kw = dict(cu_seqlens=window_cu_seqlens(x.reshape(-1), T, self.bos_id), max_seqlen=T)
@@ -238,7 +238,8 @@ def _pad_batch(s: Tensor, ln: Tensor, off: Tensor, batch: int, width: int) -> tu
             torch.cat([off, off.new_full((fill,), width)]))
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast_for(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; a no-op context when ``dtype`` is None."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from pgolf.data.tokenizer import ByteTables
-from pgolf.eval.bpb import (EvalResult, _finish, _model_device, _prepare_tokens, _rank_slice, _resolve_rank,
-                            _score_plan)
+from pgolf.eval.bpb import EvalResult, _finish, _prepare_tokens, _rank_slice, _resolve_rank, _score_plan
+from pgolf.eval.scoring import model_device
 
 
 def _plan_tensors(n_targets: int, window: int, stride: int, device=None) -> tuple[Tensor, Tensor, Tensor]:
@@ -74,7 +74,7 @@ def evaluate_sliding(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *
         raise ValueError(f"need batch_windows >= 1 or 'auto', got {batch_windows!r}")
     t0 = time.perf_counter()
     rank, world_size = _resolve_rank(rank, world_size)
-    device = _model_device(model)
+    device = model_device(model)
     tokens = _prepare_tokens(val_tokens, device)
     n_targets = max(tokens.numel() - 1, 0)
     starts, ends, offsets = _plan_tensors(n_targets, window, stride)

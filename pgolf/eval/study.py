@@ -68,10 +68,10 @@ def prequant_ttt(model: nn.Module, val: Tensor, s: PrequantSettings, ledger, *, 
     """Adapt ``model`` in place on every validation sequence of ``seq_len`` (N + 1 tokens ``val``) for ``s.epochs``;
     every epoch is recorded in the study ``ledger`` as an adaptation that read all targets (unscored: violations).
     Returns timings and losses."""
-    from pgolf.eval.bpb import _autocast
+    from pgolf.eval.scoring import autocast_for, model_device
 
     t0 = time.perf_counter()
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     n_seq = (val.numel() - 1) // seq_len
     x_all = val[: n_seq * seq_len].view(n_seq, seq_len).to(dev)
     y_all = val[1: n_seq * seq_len + 1].view(n_seq, seq_len).to(dev)
@@ -85,7 +85,7 @@ def prequant_ttt(model: nn.Module, val: Tensor, s: PrequantSettings, ledger, *, 
             g["lr"] = lr * g["lr_scale"]
         total = 0.0
         for b in range(0, n_seq, s.batch_seqs):
-            with _autocast(dev, autocast_dtype):
+            with autocast_for(dev, autocast_dtype):
                 loss = model.loss(x_all[b:b + s.batch_seqs], y_all[b:b + s.batch_seqs])
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], s.grad_clip)

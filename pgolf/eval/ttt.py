@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from pgolf import kernels
 from pgolf.data.tokenizer import ByteTables, bits_per_byte, count_bytes
-from pgolf.eval.bpb import _autocast, _eval_mode, _model_device, _rank_slice, _resolve_rank
-from pgolf.eval.scoring import WindowScorer, window_cu_seqlens
+from pgolf.eval.bpb import _eval_mode, _rank_slice, _resolve_rank
+from pgolf.eval.scoring import WindowScorer, autocast_for, model_device, window_cu_seqlens
 from pgolf.model.gpt import rms_norm
 from pgolf.eval.ledger import ComplianceViolation, Ledger, LedgerSummary, set_active_ledger, strip_validation
 from pgolf.eval.sliding import _plan_tensors
@@ -414,7 +414,7 @@ def _sgd_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Opt
         s = torch.as_tensor(list(seq_starts[b0:b0 + micro]), device=device, dtype=torch.int64)
         idx = s[:, None] + ar[None, :]
         x, y = tokens[idx], tokens[idx + 1]
-        with _autocast(device, autocast_dtype):
+        with autocast_for(device, autocast_dtype):
             if doc_isolated:
                 xf = x.reshape(1, -1)
                 cu = window_cu_seqlens(xf[0], seq_len, bos_id)
@@ -862,7 +862,7 @@ class DocLoRATTT:
                 rows = torch.from_numpy(act).to(dev)
                 tgt_lo, tgt_hi = starts[act] + c0, starts[act] + c1
                 self.ledger.score_many(np.stack([tgt_lo, tgt_hi], 1), label=f"lora_score:chunk={i}")
-                with torch.set_grad_enabled(bool(learn.any())), _autocast(dev, self.amp):
+                with torch.set_grad_enabled(bool(learn.any())), autocast_for(dev, self.amp):
                     nll = hooks.rows_nll(x, y, pos, rows)
                 nll_d = torch.where(scored_t, nll.detach().to(torch.float64), 0.0)
                 self.sums[0] += nll_d.sum()
@@ -1041,7 +1041,7 @@ class LoRASlidingTTT:
             valid = valid.to(self.device)
             x = torch.where(valid, self.tokens[idx], 0)
             y = torch.where(valid, self.tokens[idx + 1], 0)
-            with _autocast(self.device, self.amp):
+            with autocast_for(self.device, self.amp):
                 nll = hooks.forward_nll(x, y)
             (torch.where(valid, nll.float(), 0.0).sum() / valid.sum()).backward()
             opt.step()
@@ -1085,7 +1085,7 @@ def run_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, *, mode: s
     if settings.compile and mode != "chunk":
         raise ValueError(f"TTT compile is for the chunk mode's fixed-shape adaptation step; mode {mode!r} runs "
                          f"per-document LoRA steps of varying shapes (drop compile)")
-    device = _model_device(model)
+    device = model_device(model)
     warmup_s = 0.0
     tokens = torch.as_tensor(strip_validation(torch.as_tensor(val_tokens)))
     if tokens.dim() != 1 or tokens.numel() < 2:
@@ -1185,7 +1185,7 @@ def _probes(model: nn.Module, tokens: Tensor, s: TTTSettings, lora_runner: DocLo
     x, y = tokens[None, :T], tokens[None, 1:T + 1]
     amp = _autocast_dtype(s.autocast_dtype)
     dev = tokens.device
-    with _eval_mode(model), _autocast(dev, amp):
+    with _eval_mode(model), autocast_for(dev, amp):
         if lora_runner is None:
             logits_fn, nll_fn = _scored_fns(model, mixer)
             norm = probe_normalization(logits_fn, x, y, nll_fn=nll_fn)
