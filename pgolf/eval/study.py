@@ -102,18 +102,15 @@ def prequant_ttt(model: nn.Module, val: Tensor, s: PrequantSettings, ledger, *, 
 
 def _groups(model: nn.Module, s: PrequantSettings) -> list[dict[str, Any]]:
     """AdamW groups: frozen blocks out, every other parameter of block i at its ``block_lr`` multiplier."""
+    from pgolf.eval.ttt import block_scale
+
     n = len(model.blocks)
     groups: dict[float, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        i = int(name.split(".")[1]) if name.startswith("blocks.") else None
-        if i is not None and i < s.freeze_blocks:
+        if name.startswith("blocks.") and int(name.split(".")[1]) < s.freeze_blocks:
             p.requires_grad_(False)
             continue
-        scale = 1.0
-        if s.block_lr is not None and i is not None:
-            first, last = s.block_lr
-            scale = first + (last - first) * (i / (n - 1) if n > 1 else 1.0)
-        groups.setdefault(scale, []).append(p)
+        groups.setdefault(block_scale(name, n, s.block_lr), []).append(p)
     return [{"params": ps, "lr_scale": k} for k, ps in groups.items()]
 
 

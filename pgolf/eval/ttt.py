@@ -352,7 +352,7 @@ def make_optimizer(model: nn.Module, named: Sequence[tuple[str, nn.Parameter]], 
     groups: dict[float, list[nn.Parameter]] = {}
     n_blocks = len(getattr(model, "blocks", ()))
     for name, p in named:
-        groups.setdefault(_block_scale(name, n_blocks, s.block_lr), []).append(p)
+        groups.setdefault(block_scale(name, n_blocks, s.block_lr), []).append(p)
     param_groups = [{"params": ps, "lr_scale": k} for k, ps in groups.items()]
     if s.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay)
@@ -361,7 +361,7 @@ def make_optimizer(model: nn.Module, named: Sequence[tuple[str, nn.Parameter]], 
     return torch.optim.SGD(param_groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
-def _block_scale(name: str, n_blocks: int, block_lr: tuple[float, float] | None) -> float:
+def block_scale(name: str, n_blocks: int, block_lr: tuple[float, float] | None) -> float:
     """LR multiplier of parameter ``name``: its block's place between block_lr's ends, 1.0 outside blocks."""
     if block_lr is None or not name.startswith("blocks.") or n_blocks < 1:
         return 1.0
