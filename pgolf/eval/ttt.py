@@ -887,18 +887,12 @@ class DocLoRATTT:
     def _chunk_inputs(self, first: np.ndarray, length: np.ndarray, scored_from: np.ndarray, K: int):
         """x, y (n, T) for windows ``tokens[first_j : first_j + length_j]`` (zero-padded), the positions pos (n, K)
         of each window's last K rows and which of them are scored (from window offset ``scored_from_j`` on)."""
-        dev = self.device
-        T = int(length.max())
-        ar = np.arange(T)
-        valid = ar[None, :] < length[:, None]
-        idx = torch.from_numpy(np.where(valid, first[:, None] + ar[None, :], 0)).to(dev)
-        valid_t = torch.from_numpy(valid).to(dev)
-        x = torch.where(valid_t, self.tokens[idx], 0)
-        y = torch.where(valid_t, self.tokens[idx + 1], 0)
+        x, y, _ = window_tokens(self.tokens, torch.from_numpy(first), torch.from_numpy(length))
+        T = x.shape[1]
         pos = np.maximum(length - K, 0)[:, None] + np.arange(K)[None, :]
         scored = (pos >= scored_from[:, None]) & (pos < length[:, None])
-        pos_t = torch.from_numpy(np.minimum(pos, T - 1)).to(dev)
-        return x, y, pos_t, torch.from_numpy(scored).to(dev)
+        pos_t = torch.from_numpy(np.minimum(pos, T - 1)).to(self.device)
+        return x, y, pos_t, torch.from_numpy(scored).to(self.device)
 
     def global_sgd(self, n_prefix: int, phase: int) -> None:
         """Phase boundary: SGD on the base weights over the tokens of the first ``n_prefix`` documents."""
@@ -950,6 +944,16 @@ class DocLoRATTT:
             while pending and pending[0] <= self.docs_scored:
                 phase += 1
                 self.global_sgd(pending.pop(0), phase)
+
+
+def window_tokens(tokens: Tensor, first: Tensor, length: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x, y (n, T) of the windows ``tokens[first_j : first_j + length_j]`` → the next tokens, zero-padded to the
+    longest (T), and which positions are real (n, T) bool; on ``tokens``' device. first, length: (n,) int64, CPU."""
+    ar = torch.arange(int(length.max()))
+    valid = ar[None, :] < length[:, None]
+    idx = torch.where(valid, first[:, None] + ar[None, :], 0).to(tokens.device)
+    valid = valid.to(tokens.device)
+    return torch.where(valid, tokens[idx], 0), torch.where(valid, tokens[idx + 1], 0), valid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1034,13 +1038,7 @@ class LoRASlidingTTT:
         st, en = st[keep], en[keep]
         if st.numel():
             self.ledger.adapt(np.stack([st.numpy(), en.numpy()], 1), label="slide_lora_adamw")
-            T = int((en - st).max())
-            ar = torch.arange(T)
-            valid = ar[None, :] < (en - st)[:, None]
-            idx = torch.where(valid, st[:, None] + ar[None, :], 0).to(self.device)
-            valid = valid.to(self.device)
-            x = torch.where(valid, self.tokens[idx], 0)
-            y = torch.where(valid, self.tokens[idx + 1], 0)
+            x, y, valid = window_tokens(self.tokens, st, en - st)
             with autocast_for(self.device, self.amp):
                 nll = hooks.forward_nll(x, y)
             (torch.where(valid, nll.float(), 0.0).sum() / valid.sum()).backward()
