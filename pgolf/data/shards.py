@@ -6,7 +6,8 @@ that (and, given the vocab size, that every id is below it: the loaders and the 
 shard as they first read it) and raises :class:`ShardError` naming the file, the position and the fix. Helpers:
 :func:`write_shard` (atomic), :func:`shard_num_tokens` (header only), :func:`find_shards` (``fineweb_{split}_*.bin``
 without the ``_bytes_`` sidecars), :func:`load_tokens` and :func:`load_validation_tokens` (int64 torch tensors, the
-latter truncated to a whole number of sequences + 1).
+latter truncated to a whole number of sequences + 1), and :func:`load_byte_sidecar` (the per-token byte counts
+of a CaseOps-style validation set, checked against its shards).
 """
 
 from __future__ import annotations
@@ -177,3 +178,39 @@ def load_validation_tokens(files: PathLike | Sequence[PathLike], seq_len: int,
                          f"{seq_len + 1}; use a shorter seq_len or more validation data")
     usable = ((n - 1) // seq_len) * seq_len
     return tokens[:usable + 1]
+
+
+def load_byte_sidecar(val_files: Sequence[PathLike], n_tokens: int) -> torch.Tensor | None:
+    """Bytes of each validation token from the ``fineweb_val_bytes_*.bin`` sidecar, int32 of shape (n_tokens,), or
+    None when the folder of ``val_files`` holds no sidecar.
+
+    A tokenizer that rewrites the text before encoding (the CaseOps records' case-control symbols) cannot count
+    the original bytes from its pieces, so its data ships, beside each ``fineweb_val_<k>.bin``, a
+    ``fineweb_val_bytes_<k>.bin`` shard holding the original UTF-8 byte count of every token (the target at stream
+    position j counts ``sidecar[j]`` bytes). The sidecar must pair with the shards one to one, each file as long as
+    its shard; anything else is a ShardError naming the file, since scoring against a misaligned sidecar would
+    give a wrong val_bpb without any sign of it. ``n_tokens``: the validation tokens in use (a prefix of the
+    shards' concatenation).
+    """
+    paths = _as_file_list(val_files)
+    folder = paths[0].parent
+    present = sorted(p for p in folder.glob("fineweb_val_bytes_*.bin") if p.is_file())
+    if not present:
+        return None
+    pairs = [(p, p.with_name(p.name.replace("fineweb_val_", "fineweb_val_bytes_", 1))) for p in paths]
+    unpaired = sorted(set(present) - {s for _, s in pairs})
+    if unpaired:
+        raise ShardError(f"byte sidecar {unpaired[0]} has no validation shard of the same number in {folder}; the "
+                         f"sidecar files must be exactly fineweb_val_bytes_<k>.bin for each fineweb_val_<k>.bin")
+    for shard, side in pairs:
+        if not side.is_file():
+            raise ShardError(f"{folder} holds byte sidecar files but not {side.name} for {shard.name}; copy the "
+                             f"whole sidecar (fineweb_val_bytes_*.bin) or remove it to count bytes from the tokenizer")
+        n_shard, n_side = shard_num_tokens(shard), shard_num_tokens(side)
+        if n_shard != n_side:
+            raise ShardError(f"byte sidecar {side} has {n_side:,} entries but {shard.name} has {n_shard:,} tokens; "
+                             f"the sidecar belongs to other shards, re-export both together")
+    counts = load_tokens([s for _, s in pairs])
+    if counts.numel() < n_tokens:
+        raise ValueError(f"n_tokens {n_tokens} exceeds the {counts.numel()} tokens of the validation shards")
+    return counts[:n_tokens].to(torch.int32)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -28,27 +28,56 @@ from pgolf.errors import InputError, MismatchError, MissingInputError
 
 @dataclass(frozen=True)
 class ByteTables:
-    """Per-token lookup tables over the vocab (all shape (V,)).
+    """Per-token lookup tables over the vocab (all shape (V,)), and optionally the byte sidecar of the validation
+    stream.
 
     base_bytes: int16 UTF-8 bytes of the piece without its leading '▁' (1 for byte pieces, 0 for control/unk/unused).
     has_space: bool, the piece starts with '▁'. is_boundary: bool, control/unknown/unused (BOS is a boundary).
+    sidecar: int32 (N + 1,) bytes of each token of the validation stream (:func:`pgolf.data.shards.load_byte_sidecar`)
+    or None. With a sidecar the tables are not used for counting: the target at stream position j counts
+    ``sidecar[j]`` bytes, so counting needs the targets' positions.
     """
 
     base_bytes: Tensor
     has_space: Tensor
     is_boundary: Tensor
+    sidecar: Tensor | None = None
 
     def to(self, device) -> "ByteTables":
-        return ByteTables(self.base_bytes.to(device), self.has_space.to(device), self.is_boundary.to(device))
+        side = None if self.sidecar is None else self.sidecar.to(device)
+        return ByteTables(self.base_bytes.to(device), self.has_space.to(device), self.is_boundary.to(device), side)
+
+    def with_sidecar(self, sidecar: Tensor | None) -> "ByteTables":
+        """These tables counting from ``sidecar`` (None: from the tables)."""
+        return replace(self, sidecar=sidecar)
 
     @property
     def vocab_size(self) -> int:
         return int(self.base_bytes.numel())
 
+    def check_stream(self, n_tokens: int) -> None:
+        """ValueError unless a sidecar (if any) covers exactly the ``n_tokens`` of the stream being scored."""
+        if self.sidecar is not None and self.sidecar.numel() != n_tokens:
+            raise ValueError(f"the byte sidecar covers {self.sidecar.numel()} tokens but the scored stream has "
+                             f"{n_tokens}: score the stream the sidecar was loaded for")
 
-def count_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
-    """Counted bytes of each (prev, target) pair. prev, target: int tensors of one shape → int64 of that shape."""
+    @property
+    def source(self) -> str:
+        """Where the counted bytes come from, for logs and results: 'sidecar' or 'tokenizer'."""
+        return "tokenizer" if self.sidecar is None else "sidecar"
+
+
+def count_bytes(prev: Tensor, target: Tensor, tables: ByteTables, positions: Tensor | None = None) -> Tensor:
+    """Counted bytes of each (prev, target) pair. prev, target: int tensors of one shape → int64 of that shape.
+
+    positions: the targets' positions in the validation stream (same shape); needed, and only read, when the
+    tables count from a byte sidecar.
+    """
     t = tables.to(target.device)
+    if t.sidecar is not None:
+        if positions is None:
+            raise ValueError("these byte tables count from a byte sidecar: pass the targets' stream positions")
+        return t.sidecar[positions].to(torch.int64)
     extra = t.has_space[target] & ~t.is_boundary[prev]
     return t.base_bytes[target].to(torch.int64) + extra.to(torch.int64)
 
@@ -165,6 +194,32 @@ class Tokenizer:
             return build_byte_tables(self.sp, vocab_size)
         except ValueError as e:
             raise InputError(f"{self.path}: {e}") from None
+
+    def validation_tables(self, vocab_size: int, val_files, n_tokens: int) -> ByteTables:
+        """The byte tables for scoring ``n_tokens`` validation tokens read from ``val_files``: counting from the
+        shards' byte sidecar when they have one (:func:`pgolf.data.shards.load_byte_sidecar`), else from the pieces.
+
+        MissingInputError for a tokenizer that rewrites the text it encodes (pieces with private-use control
+        symbols, as CaseOps' case markers) when there is no sidecar: its pieces do not spell the original bytes.
+        """
+        from pgolf.data.shards import load_byte_sidecar
+
+        side = load_byte_sidecar(val_files, n_tokens)
+        marked = self.control_symbol_pieces()
+        if side is None and marked:
+            folder = Path(list(val_files)[0]).parent
+            raise MissingInputError(
+                f"tokenizer {self.path} encodes rewritten text ({len(marked)} pieces hold private-use control "
+                f"symbols, e.g. {self.sp.id_to_piece(marked[0])!r}: a CaseOps-style tokenizer), so its pieces do not "
+                f"give the original bytes and val_bpb needs the byte sidecar; put fineweb_val_bytes_*.bin (one per "
+                f"fineweb_val_*.bin) in {folder}")
+        return self.byte_tables(vocab_size).with_sidecar(side)
+
+    def control_symbol_pieces(self) -> list[int]:
+        """Ids of the pieces holding a Unicode private-use character (U+E000-U+F8FF), the control symbols a
+        text-rewriting tokenizer (CaseOps) inserts; empty for the challenge's tokenizers."""
+        return [i for i in range(self.vocab_size)
+                if any("\ue000" <= c <= "\uf8ff" for c in self.sp.id_to_piece(i))]
 
     def fingerprint(self) -> dict[str, Any]:
         """{'sha256': hex digest of the model file, 'vocab_size', 'file': its name}: what an artifact records."""

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgolf.data.shards import (HEADER_BYTES, MAGIC, VERSION, ShardError, find_shards, load_tokens,
-                               load_validation_tokens, read_shard, shard_num_tokens, write_shard)
+from pgolf.data.shards import (HEADER_BYTES, MAGIC, VERSION, ShardError, find_shards, load_byte_sidecar,
+                               load_tokens, load_validation_tokens, read_shard, shard_num_tokens, write_shard)
 
 
 def _raw_shard(tokens, magic=MAGIC, version=VERSION, n=None) -> bytes:
@@ -151,3 +151,37 @@ def test_real_shards_are_valid(shared_data: Path):
             toks = read_shard(f, vocab_size=vocab)
             assert toks.shape[0] == (f.stat().st_size - HEADER_BYTES) // 2 == shard_num_tokens(f)
             assert toks[0] == 1  # every exported split starts with a document's BOS
+
+
+def _val_pair(folder: Path, k: int, tokens, counts=None) -> None:
+    write_shard(folder / f"fineweb_val_{k:06d}.bin", tokens)
+    if counts is not None:
+        write_shard(folder / f"fineweb_val_bytes_{k:06d}.bin", counts)
+
+
+def test_byte_sidecar_pairs_with_the_shards_and_is_cut_to_the_tokens_in_use(tmp_path):
+    _val_pair(tmp_path, 0, [1, 5, 6, 7], [0, 3, 1, 4])
+    _val_pair(tmp_path, 1, [1, 9, 9], [0, 2, 7])
+    files = find_shards(tmp_path, "val")
+    assert load_byte_sidecar(files, 7).tolist() == [0, 3, 1, 4, 0, 2, 7]
+    side = load_byte_sidecar(files, 5)
+    assert side.dtype == torch.int32 and side.tolist() == [0, 3, 1, 4, 0]
+
+
+def test_no_byte_sidecar_is_none(tmp_path):
+    _val_pair(tmp_path, 0, [1, 5, 6, 7])
+    assert load_byte_sidecar(find_shards(tmp_path, "val"), 4) is None
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "not fineweb_val_bytes_000001.bin"),
+    ("short", "has 2 entries but fineweb_val_000001.bin has 3 tokens"),
+    ("extra", "fineweb_val_bytes_000007.bin has no validation shard"),
+])
+def test_byte_sidecar_that_does_not_pair_is_refused_by_name(tmp_path, case, needle):
+    _val_pair(tmp_path, 0, [1, 5, 6, 7], [0, 3, 1, 4])
+    _val_pair(tmp_path, 1, [1, 9, 9], None if case == "missing" else [0, 2] if case == "short" else [0, 2, 7])
+    if case == "extra":
+        write_shard(tmp_path / "fineweb_val_bytes_000007.bin", [1])
+    with pytest.raises(ShardError, match=needle):
+        load_byte_sidecar(find_shards(tmp_path, "val"), 7)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.data.shards import read_shard
+from pgolf.data.shards import find_shards, read_shard, write_shard
 from pgolf.data.tokenizer import (ByteTables, Tokenizer, bits_per_byte, build_byte_tables, count_bytes,
                                   normalize_text)
+from pgolf.errors import MissingInputError
 
 MODELS = ["fineweb_1024_bpe.model", "fineweb_8192_bpe.model"]
 
@@ -139,3 +140,43 @@ def test_real_val_shard_documents(shared_data, docs):
     t = torch.from_numpy(toks.astype(np.int64))
     counted = int(count_bytes(t[:-1], t[1:], tok.byte_tables()).sum())
     assert counted == sum(len(normalize_text(tok, d).encode("utf-8")) for d in docs[:50])
+
+
+def _caseops_like_tokenizer(folder, docs) -> Tokenizer:
+    """A small BPE model whose vocab holds private-use case-control symbols, as the CaseOps tokenizers do."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs[:20]), model_prefix=str(folder / "caseops"),
+                                   vocab_size=300, model_type="bpe", user_defined_symbols=["\ue001", "\ue002"],
+                                   minloglevel=2)
+    return Tokenizer(folder / "caseops.model")
+
+
+def test_validation_tables_count_from_the_sidecar_when_the_data_has_one(tmp_path, shared_data, docs):
+    tok = Tokenizer(shared_data / "tokenizers" / MODELS[0])
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1, 5, 6, 7, 8])
+    files = find_shards(tmp_path, "val")
+    plain = tok.validation_tables(1024, files, 5)
+    assert plain.source == "tokenizer" and plain.sidecar is None and tok.control_symbol_pieces() == []
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", [0, 3, 1, 4, 2])
+    side = tok.validation_tables(1024, files, 4)
+    assert side.source == "sidecar" and side.sidecar.tolist() == [0, 3, 1, 4]
+    assert torch.equal(side.base_bytes, plain.base_bytes)
+    prev, tgt = torch.tensor([1, 5, 6]), torch.tensor([5, 6, 7])
+    assert count_bytes(prev, tgt, side, torch.tensor([1, 2, 3])).tolist() == [3, 1, 4]
+    with pytest.raises(ValueError, match="stream positions"):
+        count_bytes(prev, tgt, side)
+
+
+def test_a_text_rewriting_tokenizer_without_a_sidecar_is_refused(tmp_path, docs):
+    caseops = _caseops_like_tokenizer(tmp_path, docs)
+    marked = caseops.control_symbol_pieces()
+    assert [caseops.sp.id_to_piece(i) for i in marked] == ["\ue001", "\ue002"]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "fineweb_val_000000.bin", [1, 5, 6, 7])
+    files = find_shards(data, "val")
+    with pytest.raises(MissingInputError, match="fineweb_val_bytes_"):
+        caseops.validation_tables(caseops.vocab_size, files, 4)
+    write_shard(data / "fineweb_val_bytes_000000.bin", [0, 2, 2, 2])
+    assert caseops.validation_tables(caseops.vocab_size, files, 4).source == "sidecar"
