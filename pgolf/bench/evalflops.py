@@ -39,8 +39,8 @@ def flops_per_scored_token(model, tables: ByteTables, *, window: int, stride: in
     with torch.no_grad(), kernels.use_backend("reference"):
         for name, gather in (("fast", True), ("full", False)):
             scorer = WindowScorer(model, tables.to(device), width=window, batch=batch, gather=gather, device=device)
-            x, y, pos, scored = scorer._inputs(tokens, s, ln, off, stride if gather else window)
-            counts[name] = _count(lambda: scorer._batch_rows(x, y, pos, scored))
+            x, y, pos, scored, tpos = scorer._inputs(tokens, s, ln, off, stride if gather else window)
+            counts[name] = _count(lambda: scorer._batch_rows(x, y, pos, scored, tpos))
             n_scored = int(scored.sum())
         counts["trunk"] = _count(lambda: model.trunk(x))
     trunk = counts["trunk"] / n_scored

@@ -108,7 +108,8 @@ def _score(args: argparse.Namespace) -> int:
     r = score_artifact(opened, sliding=args.sliding, batch_seqs=args.batch_seqs, int6_matmul=args.int6_matmul,
                        doc_isolated=args.doc_isolated, cuda_graphs=args.cuda_graphs)
     print(f"artifact:{args.artifact} bytes:{os.path.getsize(args.artifact)} tensors:{len(r['qm'].tensors)} "
-          f"layout:{r['qm'].layout}{' int6_matmul:on' if args.int6_matmul else ''}")
+          f"layout:{r['qm'].layout}{' int6_matmul:on' if args.int6_matmul else ''} "
+          f"val_bytes_from:{r['tables'].source}")
     for line in result_lines(r):
         print(line)
     if not args.ttt:
@@ -300,10 +301,12 @@ def open_artifact(artifact: str, data: str, tokenizer: str, *, stride: int | Non
     if warning:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     vocab = int(qm.config["vocab_size"])
-    val = load_validation_tokens(find_shards(data, "val"), seq_len, vocab)
+    val_files = find_shards(data, "val")
+    val = load_validation_tokens(val_files, seq_len, vocab)
     if val_max_tokens and val.numel() - 1 > val_max_tokens:
         val = val[: val_max_tokens // seq_len * seq_len + 1]
-    return {"qm": qm, "val": val, "tables": tok.byte_tables(vocab), "seq_len": seq_len, "stride": stride,
+    tables = tok.validation_tables(vocab, val_files, val.numel())
+    return {"qm": qm, "val": val, "tables": tables, "seq_len": seq_len, "stride": stride,
             "device": dev, "t0": t0, "data": data}
 
 

@@ -79,6 +79,7 @@ class WindowScorer:
         n = starts.numel()
         if n == 0:
             return tuple(sums)
+        self.tables.check_stream(tokens.numel())
         span = lengths - offsets
         rows_cap = gathered_rows(lengths, offsets, self.width)
         for b0 in range(0, n, self.batch):
@@ -86,9 +87,9 @@ class WindowScorer:
                                     offsets[b0:b0 + self.batch], self.batch, self.width)
             k = self.width if not self.gather or int(span[b0:b0 + self.batch].max()) > rows_cap else rows_cap
             s_dev = s.to(self.device)
-            x, y, pos, scored = self._inputs(tokens, s_dev, ln.to(self.device), off.to(self.device), k)
+            x, y, pos, scored, tpos = self._inputs(tokens, s_dev, ln.to(self.device), off.to(self.device), k)
             with torch.no_grad():
-                nll, nbytes = self.fn(x, y, pos, scored)
+                nll, nbytes = self.fn(x, y, pos, scored, tpos)
                 if self.mixer is not None:
                     nll = nll.clone()
                     nll[scored] = self.mixer.mix(nll[scored], tokens, (s_dev[:, None] + pos)[scored])
@@ -107,16 +108,18 @@ class WindowScorer:
             s = torch.zeros(self.batch, dtype=torch.int64)
             ln = torch.full_like(s, self.width)
             off = torch.full_like(s, self.width - k)
-            x, y, pos, scored = self._inputs(tokens, s.to(self.device), ln.to(self.device), off.to(self.device), k)
+            x, y, pos, scored, _ = self._inputs(tokens, s.to(self.device), ln.to(self.device), off.to(self.device), k)
+            tpos = torch.zeros_like(pos)  # random tokens have no place in a byte sidecar
             with torch.no_grad():
                 for _ in range(3):  # CUDA-graph trees record on the second call and replay from the third
-                    self.fn(x, y, pos, scored)
+                    self.fn(x, y, pos, scored, tpos)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
     def _inputs(self, tokens: Tensor, s: Tensor, ln: Tensor, off: Tensor, k: int):
-        """x, y (batch, width); the gathered positions pos (batch, k) and which of them are scored."""
+        """x, y (batch, width); the gathered positions pos (batch, k), which of them are scored, and their targets'
+        positions in ``tokens`` (batch, k) (for a byte sidecar)."""
         ar = torch.arange(self.width, device=self.device)
         last = tokens.numel() - 2  # highest index an input token may have (its target is tokens[last + 1])
         valid = ar[None, :] < ln[:, None]
@@ -125,11 +128,12 @@ class WindowScorer:
         y = torch.where(valid, tokens[idx + 1], 0)
         pos = (ln - k).clamp(min=0)[:, None] + torch.arange(k, device=self.device)[None, :]
         scored = (pos >= off[:, None]) & (pos < ln[:, None])
-        return x, y, pos.clamp_(max=self.width - 1), scored
+        pos = pos.clamp_(max=self.width - 1)
+        return x, y, pos, scored, idx.gather(1, pos) + 1
 
-    def _batch_rows(self, x: Tensor, y: Tensor, pos: Tensor, scored: Tensor) -> tuple[Tensor, Tensor]:
+    def _batch_rows(self, x: Tensor, y: Tensor, pos: Tensor, scored: Tensor, tpos: Tensor) -> tuple[Tensor, Tensor]:
         """(nll float64, bytes) (batch, k) of the gathered positions of one batch, zero where not scored: the trunk
-        on every position, the head on ``pos`` only."""
+        on every position, the head on ``pos`` only. tpos: the targets' stream positions (for a byte sidecar)."""
         B, T = x.shape
         xg, yg = x.gather(1, pos), y.gather(1, pos)
         with autocast_for(self.device, self.autocast_dtype):
@@ -144,7 +148,7 @@ class WindowScorer:
             else:
                 nll = self.model.loss(inputs, targets, reduction="none", **kw).reshape(B, T).gather(1, pos)
         nll = torch.where(scored, nll.to(torch.float64), 0.0)
-        nbytes = torch.where(scored, count_bytes(xg, yg, self.tables), 0)
+        nbytes = torch.where(scored, count_bytes(xg, yg, self.tables, tpos), 0)
         return nll, nbytes
 
 

@@ -452,6 +452,7 @@ class ChunkTTT:
         self.device = tokens.device
         self.tokens = tokens
         self.tables = tables.to(self.device)
+        self.tables.check_stream(tokens.numel())
         self.N = tokens.numel() - 1
         self.bos_id = settings.bos_id
         self.amp = _autocast_dtype(settings.autocast_dtype)
@@ -809,6 +810,7 @@ class DocLoRATTT:
         self.device = tokens.device
         self.tokens = tokens
         self.tables = tables.to(self.device)
+        self.tables.check_stream(tokens.numel())
         self.N = tokens.numel() - 1
         self.bos_id = settings.bos_id
         self.amp = _autocast_dtype(settings.autocast_dtype)
@@ -857,7 +859,7 @@ class DocLoRATTT:
                 c0 = i * K
                 c1 = np.minimum((i + 1) * K, lens[act])
                 ws = np.maximum(0, c1 - W)
-                x, y, pos, scored_t = self._chunk_inputs(starts[act] + ws, c1 - ws, c0 - ws, K)
+                x, y, pos, scored_t, tpos = self._chunk_inputs(starts[act] + ws, c1 - ws, c0 - ws, K)
                 learn = c1 < lens[act]
                 rows = torch.from_numpy(act).to(dev)
                 tgt_lo, tgt_hi = starts[act] + c0, starts[act] + c1
@@ -866,7 +868,7 @@ class DocLoRATTT:
                     nll = hooks.rows_nll(x, y, pos, rows)
                 nll_d = torch.where(scored_t, nll.detach().to(torch.float64), 0.0)
                 self.sums[0] += nll_d.sum()
-                self.sums[1] += torch.where(scored_t, count_bytes(x.gather(1, pos), y.gather(1, pos), self.tables),
+                self.sums[1] += torch.where(scored_t, count_bytes(x.gather(1, pos), y.gather(1, pos), self.tables, tpos),
                                             0).sum()
                 self.sums[2] += scored_t.sum()
                 self.doc_nll.index_add_(0, torch.as_tensor([docs[j] for j in act], device=dev), nll_d.sum(1))
@@ -886,13 +888,15 @@ class DocLoRATTT:
 
     def _chunk_inputs(self, first: np.ndarray, length: np.ndarray, scored_from: np.ndarray, K: int):
         """x, y (n, T) for windows ``tokens[first_j : first_j + length_j]`` (zero-padded), the positions pos (n, K)
-        of each window's last K rows and which of them are scored (from window offset ``scored_from_j`` on)."""
+        of each window's last K rows, which of them are scored (from window offset ``scored_from_j`` on) and their
+        targets' positions in the stream (n, K) (for a byte sidecar)."""
         x, y, _ = window_tokens(self.tokens, torch.from_numpy(first), torch.from_numpy(length))
         T = x.shape[1]
         pos = np.maximum(length - K, 0)[:, None] + np.arange(K)[None, :]
         scored = (pos >= scored_from[:, None]) & (pos < length[:, None])
         pos_t = torch.from_numpy(np.minimum(pos, T - 1)).to(self.device)
-        return x, y, pos_t, torch.from_numpy(scored).to(self.device)
+        tpos = torch.from_numpy(first[:, None] + np.minimum(pos, length[:, None] - 1) + 1).to(self.device)
+        return x, y, pos_t, torch.from_numpy(scored).to(self.device), tpos
 
     def global_sgd(self, n_prefix: int, phase: int) -> None:
         """Phase boundary: SGD on the base weights over the tokens of the first ``n_prefix`` documents."""

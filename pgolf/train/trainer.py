@@ -149,11 +149,11 @@ def setup(cfg: TrainConfig, model_cfg: GPTConfig, sink: Callable[[str], None] | 
     torch.manual_seed(cfg.seed)
     tok = Tokenizer(cfg.tokenizer_path)
     tok.check_vocab(model_cfg.vocab_size)
-    tables = tok.byte_tables(model_cfg.vocab_size)
-    train_files = find_shards(cfg.data_path, "train")
-    val_tokens = load_validation_tokens(find_shards(cfg.data_path, "val"), cfg.eval_seq_len, model_cfg.vocab_size)
+    train_files, val_files = find_shards(cfg.data_path, "train"), find_shards(cfg.data_path, "val")
+    val_tokens = load_validation_tokens(val_files, cfg.eval_seq_len, model_cfg.vocab_size)
     if cfg.val_max_tokens and val_tokens.numel() - 1 > cfg.val_max_tokens:
         val_tokens = val_tokens[: cfg.val_max_tokens // cfg.eval_seq_len * cfg.eval_seq_len + 1]
+    tables = tok.validation_tables(model_cfg.vocab_size, val_files, val_tokens.numel())
     if ctx.world_size > 1:
         dist.barrier()
     if ctx.main:
@@ -220,7 +220,8 @@ def train_loop(run: Run) -> Trained:
     micro_step, next_micro, use_compile = _step_functions(run, model)
     run.log(f"run_id:{run.run_id} preset:{cfg.preset} params:{model.num_params()} world_size:{ctx.world_size} "
             f"grad_accum:{cfg.grad_accum(ctx.world_size)} device:{ctx.device} compile:{use_compile} "
-            f"train_files:{len(run.train_files)} val_tokens:{run.val_tokens.numel() - 1}")
+            f"train_files:{len(run.train_files)} val_tokens:{run.val_tokens.numel() - 1} "
+            f"val_bytes_from:{run.tables.source}")
     run.log("config: " + json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, sort_keys=True),
             console=False)
     if ctx.device.type == "cuda":
@@ -425,7 +426,8 @@ def _base_summary(run: Run, t: Trained) -> dict[str, Any]:
                 loop_on_step=t.loop_on_step, late_qat_on_step=t.qat_on_step,
                 swa_snapshots=t.swa.count if t.swa is not None else None, peak_mem_mib=t.peak_mem_mib, eval_time_s=None, val_loss=None,
                 val_bpb=None, val=None, sliding=None, artifact=None, history=t.history, device=str(ctx.device),
-                torch=torch.__version__, tokenizer=run.tokenizer, config=cfg.to_dict(), model=run.model_cfg.to_dict())
+                torch=torch.__version__, tokenizer=run.tokenizer, val_bytes_from=run.tables.source, config=cfg.to_dict(),
+                model=run.model_cfg.to_dict())
 
 
 # ---- 4. GPTQ calibration: training data, training time ----------------------------------------------------------

@@ -172,3 +172,30 @@ def test_prequant_ttt_runs_only_as_a_study_and_fails_condition_3(run, tmp_path, 
     assert sub["track"] == "non-record" and sub["record"] is False and "NON-RECORD STUDY" in sub["name_note"]
     assert sub["val_bpb"] == pytest.approx(study, abs=1e-8)
     assert (tmp_path / "packed" / "README.md").read_text().splitlines()[2].startswith("**NON-RECORD STUDY")
+
+
+def test_cli_counts_bytes_from_the_data_folders_sidecar(run, tmp_path, capsys):
+    """A sidecar of twice the tokenizer's counts halves val_bpb and leaves val_loss as it was."""
+    from pgolf.data.shards import find_shards, load_tokens, read_shard, write_shard
+    from pgolf.data.tokenizer import Tokenizer, count_bytes
+
+    run_dir, s = run
+    c = corpus()
+    files = find_shards(c["shard_dir"], "val")
+    stream = load_tokens(files)
+    tables = Tokenizer(c["tokenizer_path"]).byte_tables()
+    counted = torch.cat([torch.zeros(1, dtype=torch.int64), count_bytes(stream[:-1], stream[1:], tables)])
+    at = 0
+    for f in files:
+        n = read_shard(f).shape[0]
+        write_shard(tmp_path / f.name, read_shard(f))
+        write_shard(tmp_path / f.name.replace("fineweb_val_", "fineweb_val_bytes_"), 2 * counted[at:at + n].numpy())
+        at += n
+    args = _args(run_dir)
+    args[args.index("--data") + 1] = str(tmp_path)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "val_bytes_from:sidecar" in out
+    loss, bpb = LINE.search(out).groups()
+    assert loss == f"{s['artifact']['val_loss']:.8f}"
+    assert float(bpb) == pytest.approx(s["artifact"]["val_bpb"] / 2, abs=1e-8)
