@@ -12,10 +12,11 @@ looked for:
   occurrence, and a run that is a whole document on both sides is reported as a document match instead.
 
 The report gives the counts, the share of validation bytes inside a match (bytes as the challenge counts them,
-from the tokenizer's byte tables, :mod:`pgolf.data.tokenizer`; with no ``--tokenizer``, the share of validation
-tokens instead) and examples: the training shard, the token offset in it (the index in the shard's token array
-after the 1024-byte header, of the first shared token) and the validation document id (its index in the
-validation stream, from 0) with the offset inside that document.
+from the tokenizer's byte tables, :mod:`pgolf.data.tokenizer`, or from the byte sidecar of a CaseOps-style
+validation set; with no ``--tokenizer``, the share of validation tokens instead) and examples: the training
+shard, the token offset in it (the index in the shard's token array after the 1024-byte header, of the first
+shared token) and the validation document id (its index in the validation stream, from 0) with the offset inside
+that document.
 
 **How runs are found.** Windows of ``k = ⌈N/2⌉`` tokens are hashed with a 64-bit polynomial hash
 (``h = Σ x_j B^j mod 2^64``), computed for every position at once from wrapping uint64 prefix sums:
@@ -227,7 +228,7 @@ def _runs(chunk: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], docs: tuple[n
 @dataclass
 class ValIndex:
     """The validation fingerprints. tokens: uint16 (n,), all validation shards in order; doc_starts/doc_ends: int64
-    (D,) content bounds (BOS excluded); weight: uint8 (n,) bytes (or 1 token) of each position; doc_hash_sorted /
+    (D,) content bounds (BOS excluded); weight: uint16 (n,) bytes (or 1 token) of each position; doc_hash_sorted /
     doc_order: the documents' hashes sorted, and their doc ids; win_hash / win_pos: sampled windows' hashes sorted,
     and their positions; win_filter / doc_filter: :class:`Prefilter` of the two hash sets."""
 
@@ -268,7 +269,7 @@ class ValIndex:
         nonempty = np.flatnonzero(ends > starts)
         d_order = nonempty[np.argsort(doc_hash[nonempty], kind="stable")]
         w_order = np.argsort(win_hash, kind="stable")
-        return cls(tokens, bos, ngram, k, starts, ends, position_weights(tokens, bos, tok), doc_hash[d_order],
+        return cls(tokens, bos, ngram, k, starts, ends, position_weights(tokens, bos, tok, files), doc_hash[d_order],
                    d_order, win_hash[w_order], pos[w_order], Prefilter(win_hash), Prefilter(doc_hash[d_order]),
                    list(files))
 
@@ -281,16 +282,20 @@ def sampled_positions(starts: np.ndarray, ends: np.ndarray, k: int, stride: int)
     return starts[doc] + rank * stride
 
 
-def position_weights(tokens: np.ndarray, bos: int, tok) -> np.ndarray:
-    """uint8 (n,): the challenge's byte count of each validation position (as a scored target after the previous
-    token), or 1 for every non-BOS token without a tokenizer."""
+def position_weights(tokens: np.ndarray, bos: int, tok, files: Sequence[Path] = ()) -> np.ndarray:
+    """uint16 (n,): the challenge's byte count of each validation position (as a scored target after the previous
+    token; from the byte sidecar beside ``files`` when there is one, as val_bpb counts them), or 1 for every
+    non-BOS token without a tokenizer."""
     if tok is None:
-        return (tokens != bos).astype(np.uint8)
-    t = tok.byte_tables(int(tokens.max()) + 1 if len(tokens) else None)
+        return (tokens != bos).astype(np.uint16)
+    vocab = int(tokens.max()) + 1 if len(tokens) else tok.vocab_size
+    t = tok.validation_tables(vocab, files, len(tokens)) if files else tok.byte_tables(vocab)
+    if t.sidecar is not None:
+        return t.sidecar.numpy().astype(np.uint16)
     base, space, boundary = (x.numpy() for x in (t.base_bytes, t.has_space, t.is_boundary))
     prev_boundary = np.ones(len(tokens), dtype=bool)
     prev_boundary[1:] = boundary[tokens[:-1]]
-    return (base[tokens] + (space[tokens] & ~prev_boundary)).astype(np.uint8)
+    return (base[tokens] + (space[tokens] & ~prev_boundary)).astype(np.uint16)
 
 
 # ---- the tally and the report ------------------------------------------------------------------------------------

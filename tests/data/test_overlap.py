@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from pgolf.data.overlap import find_overlap, main
+from pgolf.data.overlap import find_overlap, main, position_weights
 from pgolf.data.shards import read_shard, write_shard
+from pgolf.data.tokenizer import Tokenizer
 
 BOS = 1
 
@@ -209,3 +210,18 @@ def test_bad_inputs_are_named(tmp_path, shared_data, capsys):
     assert "fineweb_val_000000.bin" in err and "vocab" in err and "Traceback" not in err
     assert main(["--data", str(tmp_path / "d"), "--bos-id", "0", "--quiet"]) == 1
     assert "no BOS token 0" in capsys.readouterr().err
+
+
+def test_byte_shares_come_from_the_byte_sidecar_when_there_is_one(shared_data, tmp_path):
+    """A sidecar of twice the tokenizer's counts doubles every byte amount of the report."""
+    src = shared_data / "shards" / "fineweb10B_sp8192"
+    tok = shared_data / "tokenizers" / "fineweb_8192_bpe.model"
+    for f in src.glob("fineweb_*.bin"):
+        write_shard(tmp_path / f.name, read_shard(f))
+    plain = find_overlap(tmp_path, ngram=32, tokenizer=tok)
+    val = np.asarray(read_shard(src / "fineweb_val_000000.bin"))
+    weights = position_weights(val, BOS, Tokenizer(tok))
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", 2 * weights.astype(np.int64))
+    side = find_overlap(tmp_path, ngram=32, tokenizer=tok)
+    assert plain.val_total == int(weights.sum()) and plain.affected_amount > 0
+    assert (side.val_total, side.affected_amount) == (2 * plain.val_total, 2 * plain.affected_amount)
