@@ -228,7 +228,7 @@ def _runs(chunk: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], docs: tuple[n
 @dataclass
 class ValIndex:
     """The validation fingerprints. tokens: uint16 (n,), all validation shards in order; doc_starts/doc_ends: int64
-    (D,) content bounds (BOS excluded); weight: uint16 (n,) bytes (or 1 token) of each position; doc_hash_sorted /
+    (D,) content bounds (BOS excluded); weight: uint8 (n,) (uint16 from a sidecar) bytes (or 1 token) of each position; doc_hash_sorted /
     doc_order: the documents' hashes sorted, and their doc ids; win_hash / win_pos: sampled windows' hashes sorted,
     and their positions; win_filter / doc_filter: :class:`Prefilter` of the two hash sets."""
 
@@ -283,11 +283,11 @@ def sampled_positions(starts: np.ndarray, ends: np.ndarray, k: int, stride: int)
 
 
 def position_weights(tokens: np.ndarray, bos: int, tok, files: Sequence[Path] = ()) -> np.ndarray:
-    """uint16 (n,): the challenge's byte count of each validation position (as a scored target after the previous
+    """uint8 (n,) (uint16 from a sidecar): the challenge's byte count of each validation position (as a scored target after the previous
     token; from the byte sidecar beside ``files`` when there is one, as val_bpb counts them), or 1 for every
     non-BOS token without a tokenizer."""
     if tok is None:
-        return (tokens != bos).astype(np.uint16)
+        return (tokens != bos).astype(np.uint8)
     vocab = int(tokens.max()) + 1 if len(tokens) else tok.vocab_size
     t = tok.validation_tables(vocab, files, len(tokens)) if files else tok.byte_tables(vocab)
     if t.sidecar is not None:
@@ -295,7 +295,7 @@ def position_weights(tokens: np.ndarray, bos: int, tok, files: Sequence[Path] = 
     base, space, boundary = (x.numpy() for x in (t.base_bytes, t.has_space, t.is_boundary))
     prev_boundary = np.ones(len(tokens), dtype=bool)
     prev_boundary[1:] = boundary[tokens[:-1]]
-    return (base[tokens] + (space[tokens] & ~prev_boundary)).astype(np.uint16)
+    return (base[tokens] + (space[tokens] & ~prev_boundary)).astype(np.uint8)
 
 
 # ---- the tally and the report ------------------------------------------------------------------------------------
