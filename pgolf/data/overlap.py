@@ -228,9 +228,10 @@ def _runs(chunk: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], docs: tuple[n
 @dataclass
 class ValIndex:
     """The validation fingerprints. tokens: uint16 (n,), all validation shards in order; doc_starts/doc_ends: int64
-    (D,) content bounds (BOS excluded); weight: uint8 (n,) (uint16 from a sidecar) bytes (or 1 token) of each position; doc_hash_sorted /
-    doc_order: the documents' hashes sorted, and their doc ids; win_hash / win_pos: sampled windows' hashes sorted,
-    and their positions; win_filter / doc_filter: :class:`Prefilter` of the two hash sets."""
+    (D,) content bounds (BOS excluded); weight: uint8 (n,) (uint16 from a sidecar) bytes (or 1 token) of each
+    position; doc_hash_sorted / doc_order: the documents' hashes sorted, and their doc ids; win_hash / win_pos:
+    sampled windows' hashes sorted, and their positions; win_filter / doc_filter: :class:`Prefilter` of the two
+    hash sets."""
 
     tokens: np.ndarray
     bos: int
