@@ -284,9 +284,9 @@ def sampled_positions(starts: np.ndarray, ends: np.ndarray, k: int, stride: int)
 
 
 def position_weights(tokens: np.ndarray, bos: int, tok, files: Sequence[Path] = ()) -> np.ndarray:
-    """uint8 (n,) (uint16 from a sidecar): the challenge's byte count of each validation position (as a scored target after the previous
-    token; from the byte sidecar beside ``files`` when there is one, as val_bpb counts them), or 1 for every
-    non-BOS token without a tokenizer."""
+    """uint8 (n,) (uint16 from a sidecar): the challenge's byte count of each validation position (as a scored
+    target after the previous token; from the byte sidecar beside ``files`` when there is one, as val_bpb counts
+    them), or 1 for every non-BOS token without a tokenizer."""
     if tok is None:
         return (tokens != bos).astype(np.uint8)
     vocab = int(tokens.max()) + 1 if len(tokens) else tok.vocab_size

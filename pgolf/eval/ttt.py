@@ -868,8 +868,8 @@ class DocLoRATTT:
                     nll = hooks.rows_nll(x, y, pos, rows)
                 nll_d = torch.where(scored_t, nll.detach().to(torch.float64), 0.0)
                 self.sums[0] += nll_d.sum()
-                self.sums[1] += torch.where(scored_t, count_bytes(x.gather(1, pos), y.gather(1, pos), self.tables, tpos),
-                                            0).sum()
+                nbytes = count_bytes(x.gather(1, pos), y.gather(1, pos), self.tables, tpos)
+                self.sums[1] += torch.where(scored_t, nbytes, 0).sum()
                 self.sums[2] += scored_t.sum()
                 self.doc_nll.index_add_(0, torch.as_tensor([docs[j] for j in act], device=dev), nll_d.sum(1))
                 t_adapt = time.perf_counter()

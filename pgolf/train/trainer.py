@@ -426,8 +426,8 @@ def _base_summary(run: Run, t: Trained) -> dict[str, Any]:
                 loop_on_step=t.loop_on_step, late_qat_on_step=t.qat_on_step,
                 swa_snapshots=t.swa.count if t.swa is not None else None, peak_mem_mib=t.peak_mem_mib, eval_time_s=None, val_loss=None,
                 val_bpb=None, val=None, sliding=None, artifact=None, history=t.history, device=str(ctx.device),
-                torch=torch.__version__, tokenizer=run.tokenizer, val_bytes_from=run.tables.source, config=cfg.to_dict(),
-                model=run.model_cfg.to_dict())
+                torch=torch.__version__, tokenizer=run.tokenizer, val_bytes_from=run.tables.source,
+                config=cfg.to_dict(), model=run.model_cfg.to_dict())
 
 
 # ---- 4. GPTQ calibration: training data, training time ----------------------------------------------------------
