@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgolf.quant import bundle
 from pgolf.quant.pack import main as pack_main
@@ -51,7 +53,7 @@ def test_pack_writes_the_submission_and_its_train_gpt_reproduces_the_run_without
     assert sub["val_bpb"] == summary["artifact"]["val_bpb"] and sub["name"] == "pgolf_tiny"
     assert {"author", "github_id", "blurb", "date", "val_loss"} <= set(sub)
     assert sub["bytes_code"] == summary["artifact"]["bytes_code"]  # the run counted exactly this wrapper
-    assert len(code.splitlines()) == 3 and code.startswith((b"import brotli", b"import lzma"))
+    assert len(code.splitlines()) == 4 and code.startswith((b"import brotli", b"import lzma"))
     readme = (out / "README.md").read_text()
     assert f"{sub['val_bpb']:.8f}" in readme and f"{sub['bytes_total']:,}" in readme
     code_table = readme.split("## Code", 1)[1].split("```")[1].strip().splitlines()
@@ -185,12 +187,24 @@ def test_the_packed_program_is_smaller_than_the_whole_closure_and_than_the_recor
         {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])))
     r6 = len(base64.b85encode(brotli.compress(prog, quality=11)))
     line = bundle.config_line(cfg.to_dict(), m.to_dict())
-    blob = wrapped.split('b85decode("')[1].split('")')[0]
-    assert len(blob) <= min(r3, r6) and wrapped.endswith(line + "\n")
+    blob = wrapped.split("D(r'")[1].split("',")[0]
+    assert len(blob) <= min(r3, r6) * 0.95 and wrapped.endswith(line + "\n")
+    assert wrapped.isascii() and not set(blob) & set(bundle.TEXT_EXCLUDED) and len(wrapped.splitlines()) == 4
     rows = bundle.code_size_table(cfg.to_dict(), m.to_dict())
     assert sum(r[3] for r in rows) == size and [r[0] for r in rows[:-1]] == list(pk.modules)
     assert all(r[3] > 0 for r in rows) and "total (train_gpt.py)" in bundle.format_code_table(rows)
     assert readable.endswith(line.replace(",__file__)", f",None,{size})") + "\n")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=600))
+def test_the_wrappers_text_decodes_to_the_bytes_it_encodes(data):
+    """Blocks of 57 bytes as 67 characters, a short last block, zeros everywhere: the wrapper's own decoder gives the
+    bytes back, and the text is a valid one-line raw string literal."""
+    text = bundle.text_encode(data)
+    assert bundle.text_decode(text, len(data)) == data
+    assert len(text) <= -(-len(data) // bundle.BLOCK_BYTES) * bundle.BLOCK_CHARS
+    assert ast.literal_eval(f"r'{text}'") == text
 
 
 def test_quantization_does_not_import_the_evaluation_package():
