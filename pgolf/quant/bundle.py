@@ -105,7 +105,8 @@ def _packed(stamp: tuple, preset: str, overrides: str) -> Packed:
     t, m = _configs(preset, json.loads(overrides))
     trees = {name: (ast.parse(_path(name)[0].read_text(encoding="utf-8")), _path(name)[1])
              for name in module_closure()}
-    pins = specialize({n: tree for n, (tree, _) in trees.items()}, t, m, called_from_outside=[(ENTRY, ENTRY_NAME)])
+    pins = specialize({n: tree for n, (tree, _) in trees.items()}, t, m,
+                      called_from_outside=[(ENTRY, ENTRY_NAME), *LOADER_NAMES])
     triton = {} if t.device == "cpu" else dict(TRITON_MODULES)
     mods = reachable_sources([(ENTRY, ENTRY_NAME), *LOADER_NAMES], trees.get, exclude=EXCLUDE, dispatch=DISPATCH,
                              op_modules=triton)

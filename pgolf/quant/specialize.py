@@ -12,9 +12,12 @@ dropped, together with the statements a taken ``return``/``raise`` makes unreach
   anything else is not typed. The modules that build configurations (``CONFIG_MODULES``: presets, parsing,
   validation) are left alone, since the configurations there are not yet the run's. Runtime settings (paths, run
   id, code bytes, seed) are never decided.
-- **Defaults nobody overrides.** A module-level function parameter with a constant default that no call in the
-  packed sources passes (every use of the function's name is a plain call) is that constant:
-  ``build_model(path, device=...)`` never asks for ``int6_matmul=True``, so the int6 kernel is not packed.
+- **Constant parameters.** A module-level function parameter (every use of the function's name being a plain
+  call) that no call in the packed sources passes and whose default is a constant, or that every call passes as
+  the same constant (an undecorated function called at least once), is that constant: ``build_model(path,
+  device=...)`` never asks for ``int6_matmul=True``, so the int6 kernel is not packed; ``_evaluate(..., sliding=
+  False)`` is the only call left once ``if cfg.eval_stride:`` is decided, so sliding eval is not packed. Deciding
+  drops calls, which can fix more parameters: the passes repeat until nothing changes.
 
 Each decided test on a setting becomes a :class:`Pin`: a predicate the running program's configuration must still
 satisfy (``eval_stride`` truthy, ``loader == "packed"``). The packed program checks its pins after reading the
@@ -38,6 +41,7 @@ APPLY = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.
          ">=": operator.ge, "in": lambda a, b: a in b, "not in": lambda a, b: a not in b,
          "is": operator.is_, "is not": operator.is_not, "truth": lambda a, b: bool(a)}
 CONSTANT_TYPES = (bool, int, float, str, type(None))
+MAX_PASSES = 4
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,7 @@ def specialize(trees: Mapping[str, ast.Module], train: Any, model: Any,
     """Decide the tests on ``train``/``model`` settings and on unpassed defaults in ``trees`` (edited in place);
     returns the pins, sorted. ``called_from_outside``: (module, function) pairs whose defaults stay (the entry)."""
     classes = class_attribute_types(trees)
-    defaults = constant_defaults(trees)
-    for module, fn in called_from_outside:
-        defaults.get(module, {}).pop(fn, None)
+    outside = list(called_from_outside)
     if PRESETS_MODULE in trees and getattr(train, "preset", None):
         drop_other_presets(trees[PRESETS_MODULE], train.preset)
     configs = {"train": train, "model": model}
@@ -71,12 +73,43 @@ def specialize(trees: Mapping[str, ast.Module], train: Any, model: Any,
         if name not in CONFIG_MODULES:
             _changed_settings(tree, configs, undecided)
     pins: set[Pin] = set()
+    fixed = _fixed_parameters(trees, outside)
+    for _ in range(MAX_PASSES):
+        for name, tree in trees.items():
+            if name not in CONFIG_MODULES:
+                _Folder(configs, classes, fixed.get(name, {}), pins, undecided).visit(tree)
+        again = _fixed_parameters(trees, outside)
+        if again == fixed:
+            break
+        fixed = again
     for name, tree in trees.items():
-        if name in CONFIG_MODULES:
-            continue
-        _Folder(configs, classes, defaults.get(name, {}), pins, undecided).visit(tree)
-        ast.fix_missing_locations(tree)
+        if name not in CONFIG_MODULES:
+            drop_unused_imports(tree)
+            ast.fix_missing_locations(tree)
     return sorted(pins, key=lambda p: (p.which, p.field, p.op, repr(p.value), p.outcome))
+
+
+def _fixed_parameters(trees: Mapping[str, ast.Module], outside: list[tuple[str, str]]):
+    fixed = constant_parameters(trees)
+    for module, fn in outside:
+        fixed.get(module, {}).pop(fn, None)
+    return fixed
+
+
+def drop_unused_imports(tree: ast.Module) -> None:
+    """Inside functions, drop the names of ``from m import a, b`` that the function (nested code included) no longer
+    reads once its branches are decided, so that what they name is not packed for nothing. A statement keeps at
+    least one name (it still imports ``m``, whatever that does), and module-level imports stay (they may be
+    re-exports)."""
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        read = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        for node in _own_nodes(fn):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                used = [a for a in node.names if a.name == "*" or (a.asname or a.name) in read]
+                if used and len(used) < len(node.names):
+                    node.names = used
 
 
 def drop_other_presets(tree: ast.Module, keep: str) -> None:
@@ -234,12 +267,16 @@ def _own_nodes(fn):
                 todo.append(child)
 
 
-# ---- constant defaults -----------------------------------------------------------------------------------------
+# ---- constant parameters ---------------------------------------------------------------------------------------
 
-def constant_defaults(trees: Mapping[str, ast.Module]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{module: {function: {parameter: default}}} for module-level functions whose every use in ``trees`` is a
-    plain call that never passes that parameter (and which never assign it)."""
+def constant_parameters(trees: Mapping[str, ast.Module]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{module: {function: {parameter: value}}} for module-level functions whose every use in ``trees`` is a
+    plain call: parameters the function never assigns that no call passes and whose default is a constant, or that
+    every call passes as the same constant (an undecorated function with at least one call, whose name is no string
+    in the sources: ``getattr(module, name)`` may call it with anything)."""
     uses: dict[str, list] = {}
+    strings = {n.value for t in trees.values() for n in ast.walk(t) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str)}
     for tree in trees.values():
         calls = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
         for n in ast.walk(tree):
@@ -263,28 +300,39 @@ def constant_defaults(trees: Mapping[str, ast.Module]) -> dict[str, dict[str, di
             if any(isinstance(a, ast.Starred) for c in calls for a in c.args) or \
                     any(k.arg is None for c in calls for k in c.keywords):
                 continue
-            fixed = _unpassed(fn, calls)
+            fixed = _fixed(fn, calls, passed_ok=not fn.decorator_list and fn.name not in strings)
             if fixed:
                 out.setdefault(mod, {})[fn.name] = fixed
     return out
 
 
-def _unpassed(fn, calls: list[ast.Call]) -> dict[str, Any]:
+def _fixed(fn, calls: list[ast.Call], passed_ok: bool) -> dict[str, Any]:
     a = fn.args
     positional = [*a.posonlyargs, *a.args]
-    pos_defaults = dict(zip([p.arg for p in positional[len(positional) - len(a.defaults):]], a.defaults))
-    kw_defaults = {p.arg: d for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None}
+    defaults = dict(zip([p.arg for p in positional[len(positional) - len(a.defaults):]], a.defaults))
+    defaults.update({p.arg: d for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None})
     index = {p.arg: i for i, p in enumerate(positional)}
     assigned = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
     out = {}
-    for name, default in {**pos_defaults, **kw_defaults}.items():
-        if not isinstance(default, ast.Constant) or name in assigned:
+    for name in [*index, *(p.arg for p in a.kwonlyargs)]:
+        if name in assigned:
             continue
-        passed = any(any(k.arg == name for k in c.keywords) or (name in index and len(c.args) > index[name])
-                     for c in calls)
-        if not passed:
-            out[name] = default.value
+        given = [_passed(c, name, index.get(name)) for c in calls]
+        if any(g is not None for g in given) and not passed_ok:
+            continue
+        values = [g if g is not None else defaults.get(name) for g in given] or [defaults.get(name)]
+        if all(isinstance(v, ast.Constant) for v in values) and \
+                len({(type(v.value), repr(v.value)) for v in values}) == 1:
+            out[name] = values[0].value
     return out
+
+
+def _passed(call: ast.Call, name: str, position: int | None) -> ast.expr | None:
+    """What ``call`` passes for the parameter ``name`` (at ``position``, if positional), or None."""
+    for k in call.keywords:
+        if k.arg == name:
+            return k.value
+    return call.args[position] if position is not None and len(call.args) > position else None
 
 
 # ---- deciding tests --------------------------------------------------------------------------------------------
@@ -449,4 +497,5 @@ def _last(node: ast.expr) -> str:
     return node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
 
 
-__all__ = ["specialize", "Pin", "CONFIG_MODULES", "class_attribute_types", "constant_defaults"]
+__all__ = ["specialize", "Pin", "CONFIG_MODULES", "class_attribute_types", "constant_parameters",
+           "drop_unused_imports"]

@@ -93,6 +93,45 @@ def test_a_setting_the_sources_change_is_never_decided():
     assert "if cfg.eval_stride:" in out and not any(p.field == "eval_stride" for p in pins)
 
 
+PASSING = textwrap.dedent('''
+    from __future__ import annotations
+    from pgolf.train.config import TrainConfig
+
+    def ev(x, *, sliding):
+        if sliding:
+            return "slide"
+        return "plain"
+
+    def named(flag):
+        return "on" if flag else "off"
+
+    @tag
+    def deco(flag):
+        return "on" if flag else "off"
+
+    def run(cfg: TrainConfig):
+        from pgolf.b import helper, used
+        out = [ev(1, sliding=False), named(False), deco(False), used()]
+        if cfg.eval_stride:
+            out.append(ev(2, sliding=True))
+            out.append(helper())
+        return out, globals()["named"](True)
+''')
+
+
+def test_a_parameter_every_remaining_call_passes_as_one_constant_is_decided():
+    """Deciding ``if cfg.eval_stride`` drops the only call passing sliding=True: a second pass fixes ``sliding``;
+    the import of what only that branch used goes too. A function named by a string (getattr/globals) or one with
+    a decorator keeps its branches."""
+    off, pins, t, _ = _specialized(PASSING, eval_stride=0)
+    on, _, _, _ = _specialized(PASSING, eval_stride=64)
+    fns = {n.name: ast.unparse(n) for n in ast.parse(off).body if isinstance(n, ast.FunctionDef)}
+    assert "slide" not in fns["ev"] and "from pgolf.b import used" in fns["run"] and "helper" not in fns["run"]
+    assert "'on' if flag else 'off'" in fns["named"] and "'on' if flag else 'off'" in fns["deco"]
+    assert Pin("train", "eval_stride", "truth", None, False) in pins
+    assert "slide" in on and "import helper, used" in on
+
+
 PKG = {
     "pgolf": "",
     "pgolf.a": textwrap.dedent('''
