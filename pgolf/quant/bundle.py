@@ -5,8 +5,9 @@ reach, minified, and is compressed like the records' wrappers:
 
 1. **Specialize** (:mod:`pgolf.quant.specialize`): the sources of the static import closure of
    :mod:`pgolf.quant.runner` are parsed and every test on a setting the run fixed is decided (``if cfg.eval_stride``,
-   ``loader == "packed"``, ``smear_gate == "bos"``, defaults no call overrides), presets other than the run's
-   dropped. Each decided setting test becomes a *pin* that the packed program checks.
+   ``loader == "packed"``, ``smear_gate == "bos"``, parameters no call overrides or every call passes as one
+   constant), presets other than the run's dropped. Each decided setting test becomes a *pin* that the packed
+   program checks.
 2. **Reach** (:mod:`pgolf.quant.reach`): from ``runner.main`` only the definitions kept code can use survive: the
    Triton module of each op the model reaches (none when the run's ``device`` is ``cpu``), the functions, classes,
    methods and constants named on the way; docstrings, comments, unread annotations and spaces go.
