@@ -100,3 +100,19 @@ def test_a_sidecar_of_another_stream_is_refused():
         evaluate(sc.MODEL, tokens, short, seq_len=64)
     with pytest.raises(ValueError, match="sidecar covers 600 tokens"):
         run_ttt(copy.deepcopy(sc.MODEL), tokens, short, mode="lora", settings=dict(tt.LORA, probes=False), log=None)
+
+
+def test_a_compiled_scorer_counts_the_sidecar_and_warms_up_without_it(monkeypatch):
+    """The warm-up's random tokens (2 windows long) reach past this short stream's sidecar: it reads none of it."""
+    import pgolf.eval.scoring as S
+
+    monkeypatch.setattr(S, "COMPILE_BACKEND", "aot_eager")  # as tests/eval/test_scoring.py: no C++ build here
+    tokens = make_tokens(101, sc.V, seed=13)
+    tables = sc.TABLES.with_sidecar(random_sidecar(101, seed=14))
+    kw = dict(window=64, stride=16, batch_windows=2)
+    eager = evaluate_sliding(sc.MODEL, tokens, tables, **kw)
+    torch._dynamo.reset()
+    comp = evaluate_sliding(sc.MODEL, tokens, tables, compile=True, **kw)
+    torch._dynamo.reset()
+    assert comp.warmup_s > 0 and (comp.bytes, comp.tokens) == (eager.bytes, eager.tokens)
+    assert (eager.bytes, eager.tokens) == (int(tables.sidecar[1:].sum()), 100)
