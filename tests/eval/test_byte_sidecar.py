@@ -102,8 +102,8 @@ def test_a_sidecar_of_another_stream_is_refused():
         run_ttt(copy.deepcopy(sc.MODEL), tokens, short, mode="lora", settings=dict(tt.LORA, probes=False), log=None)
 
 
-def test_a_compiled_scorer_counts_the_sidecar_and_warms_up_without_it(monkeypatch):
-    """The warm-up's random tokens (2 windows long) reach past this short stream's sidecar: it reads none of it."""
+def test_a_compiled_scorer_counts_the_sidecar_as_the_eager_one(monkeypatch):
+    """The sidecar positions are an input of the compiled batch function (warmed up on random tokens first)."""
     import pgolf.eval.scoring as S
 
     monkeypatch.setattr(S, "COMPILE_BACKEND", "aot_eager")  # as tests/eval/test_scoring.py: no C++ build here
