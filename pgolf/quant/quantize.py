@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -36,6 +36,9 @@ from pgolf.quant.artifact import QTensor, QuantizedModel
 from pgolf.quant.gptq import absmax_scales, dequantize, gptq_quantize, quantize_rtn
 from pgolf.quant.lqer import lqer_delta, lqer_factors
 from pgolf.quant.scales import SCALE_RULES, quantize_rows
+
+if TYPE_CHECKING:
+    from pgolf.train.config import TrainConfig
 
 _ATTN = re.compile(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight")
 _MLP = re.compile(r"blocks\.\d+\.mlp\.(fc|proj)\.weight")
@@ -110,7 +113,7 @@ class QuantSettings:
         return asdict(self)
 
     @classmethod
-    def from_train_config(cls, cfg: Any) -> "QuantSettings":
+    def from_train_config(cls, cfg: TrainConfig) -> "QuantSettings":
         """Settings from a TrainConfig's ``quant_*``, ``gptq_*`` and ``lqer_*`` fields."""
         method = cfg.quant_method if cfg.quant_method in ("gptq", "rtn") else "gptq"
         return cls(attn_bits=cfg.quant_attn_bits, attn_k=cfg.quant_attn_k, mlp_bits=cfg.quant_mlp_bits,

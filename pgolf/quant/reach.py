@@ -12,8 +12,8 @@ exceptions that follow what they act on:
 - ``pgolf.kernels.register(op, backend, fn)`` in an op's Triton module stays when the model's dispatch function
   ``pgolf.kernels.<op>`` is reached, and the op's Triton module (``pgolf.kernels.TRITON_MODULES``, imported by name
   at run time) is packed for exactly those ops, or for none when ``op_modules`` is empty (a CPU-only run);
-- ``__all__`` and ``if __name__ == "__main__":`` blocks are dropped (nothing in a bundle star-imports or runs a
-  module as a script).
+- ``__all__``, ``if TYPE_CHECKING:`` and ``if __name__ == "__main__":`` blocks are dropped (nothing in a bundle
+  star-imports, type-checks or runs a module as a script).
 
 A kept class keeps its dunder methods, the methods whose names kept code reads as attributes (or as strings, for
 ``getattr``), and those its torch/stdlib base classes define (a framework may call them: ``forward``, ``backward``,
@@ -387,10 +387,12 @@ def parse_module(name: str, is_pkg: bool, tree: ast.Module) -> Module:
 
 
 def _dropped(stmt: ast.stmt) -> bool:
-    """``__all__`` statements and ``if __name__ == "__main__":`` blocks."""
+    """``__all__`` statements, ``if TYPE_CHECKING:`` and ``if __name__ == "__main__":`` blocks."""
     if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
         targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
         return all(isinstance(t, ast.Name) and t.id == "__all__" for t in targets)
+    if isinstance(stmt, ast.If) and isinstance(stmt.test, ast.Name) and stmt.test.id == "TYPE_CHECKING":
+        return not stmt.orelse
     if isinstance(stmt, ast.If) and isinstance(stmt.test, ast.Compare) and not stmt.orelse:
         t = stmt.test
         return isinstance(t.left, ast.Name) and t.left.id == "__name__" and len(t.comparators) == 1 \

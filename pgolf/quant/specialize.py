@@ -9,7 +9,10 @@ dropped, together with the statements a taken ``return``/``raise`` makes unreach
   ``GPTConfig``. Types come from annotations only: a parameter annotated with the class, an attribute of a class
   whose field is annotated with it (``Run.cfg: TrainConfig``) or assigned from such a parameter in a method
   (``self.config = config``), and plain assignments of those (``c = self.config``). A variable also assigned
-  anything else is not typed. The modules that build configurations (``CONFIG_MODULES``: presets, parsing,
+  anything else is not typed. A class built only by one classmethod from a configuration parameter
+  (``QuantSettings.from_train_config(cfg: TrainConfig)`` returning ``cls(prune_frac=cfg.quant_prune_frac, ...)``,
+  and no other ``QuantSettings(...)`` anywhere) is a view of it: ``settings.prune_frac`` is decided, and pinned, as
+  ``quant_prune_frac``. The modules that build configurations (``CONFIG_MODULES``: presets, parsing,
   validation) are left alone, since the configurations there are not yet the run's. Runtime settings (paths, run
   id, code bytes, seed) are never decided.
 - **Constant parameters.** A module-level function parameter (every use of the function's name being a plain
@@ -64,6 +67,7 @@ def specialize(trees: Mapping[str, ast.Module], train: Any, model: Any,
     """Decide the tests on ``train``/``model`` settings and on unpassed defaults in ``trees`` (edited in place);
     returns the pins, sorted. ``called_from_outside``: (module, function) pairs whose defaults stay (the entry)."""
     classes = class_attribute_types(trees)
+    views = config_views(trees)
     outside = list(called_from_outside)
     if PRESETS_MODULE in trees and getattr(train, "preset", None):
         drop_other_presets(trees[PRESETS_MODULE], train.preset)
@@ -71,13 +75,13 @@ def specialize(trees: Mapping[str, ast.Module], train: Any, model: Any,
     undecided = set(NEVER_DECIDED)
     for name, tree in trees.items():
         if name not in CONFIG_MODULES:
-            _changed_settings(tree, configs, undecided)
+            _changed_settings(tree, configs, undecided, {f for v in views.values() for f in v})
     pins: set[Pin] = set()
     fixed = _fixed_parameters(trees, outside)
     for _ in range(MAX_PASSES):
         for name, tree in trees.items():
             if name not in CONFIG_MODULES:
-                _Folder(configs, classes, fixed.get(name, {}), pins, undecided).visit(tree)
+                _Folder(configs, classes, views, fixed.get(name, {}), pins, undecided).visit(tree)
         again = _fixed_parameters(trees, outside)
         if again == fixed:
             break
@@ -130,11 +134,11 @@ def drop_other_presets(tree: ast.Module, keep: str) -> None:
     tree.body = [s for s, name in zip(tree.body, named) if name is None or name == keep or mentions[name] > 1]
 
 
-def _changed_settings(tree: ast.Module, configs: dict[str, Any], undecided: set[str]) -> None:
+def _changed_settings(tree: ast.Module, configs: dict[str, Any], undecided: set[str], view_fields: set[str]) -> None:
     """Settings a module may change: ``replace(x, field=...)`` / ``x.replace(field=...)`` keywords and attribute
     assignments of config field names join ``undecided``; a module that builds a ``TrainConfig``/``GPTConfig``
     itself (not from an artifact's ``from_dict``) disables deciding on that kind."""
-    fields = {f for c in configs.values() for f in vars(c)}
+    fields = {f for c in configs.values() for f in vars(c)} | view_fields
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and _last(node.func) == "replace":
             undecided.update(k.arg for k in node.keywords if k.arg)
@@ -267,6 +271,47 @@ def _own_nodes(fn):
                 todo.append(child)
 
 
+def config_views(trees: Mapping[str, ast.Module]) -> dict[str, dict[str, tuple[str, str]]]:
+    """{class: {field: (config kind, config field)}} for the classes whose only construction in ``trees`` is one
+    classmethod ``def m(cls, cfg: TrainConfig)`` (or ``GPTConfig``) that returns ``cls(field=cfg.x, ...)``, and that
+    no class in ``trees`` subclasses: an instance's ``field`` is the configuration's ``x`` (fields given anything
+    else are not mapped)."""
+    classes = [c for t in trees.values() for c in t.body if isinstance(c, ast.ClassDef)]
+    names = [c.name for c in classes]
+    built = {_last(n.func) for t in trees.values() for n in ast.walk(t) if isinstance(n, ast.Call)}
+    based = {_last(b) for c in classes for b in c.bases}
+    out = {}
+    for cls in classes:
+        makers = [m for m in cls.body if isinstance(m, ast.FunctionDef) and _maker(m)]
+        if names.count(cls.name) != 1 or len(makers) != 1 or cls.name in built | based:
+            continue
+        clsarg, (param, kind), ret = _maker(makers[0])
+        others = [n for m in cls.body if isinstance(m, ast.FunctionDef) and m is not makers[0]
+                  for n in ast.walk(m) if isinstance(n, ast.Call) and _last(n.func) in (clsarg, "type")]
+        if others:
+            continue
+        out[cls.name] = {k.arg: (kind, k.value.attr) for k in ret.keywords
+                         if k.arg and isinstance(k.value, ast.Attribute) and isinstance(k.value.value, ast.Name)
+                         and k.value.value.id == param}
+    return out
+
+
+def _maker(fn: ast.FunctionDef):
+    """(cls parameter, (config parameter, kind), the returned ``cls(...)`` call) of a classmethod whose whole body
+    (after its docstring) may compute locals and then returns ``cls(...)`` with keywords only; else None."""
+    args = fn.args
+    if not any(_last(d) == "classmethod" for d in fn.decorator_list) or len(args.args) != 2 or args.vararg \
+            or args.kwarg or args.kwonlyargs or args.posonlyargs:
+        return None
+    kind = _annotation_type(args.args[1].annotation, set())
+    ret = fn.body[-1]
+    if kind is None or not isinstance(ret, ast.Return) or not isinstance(ret.value, ast.Call) or \
+            not isinstance(ret.value.func, ast.Name) or ret.value.func.id != args.args[0].arg or ret.value.args:
+        return None
+    returns = [n for n in ast.walk(fn) if isinstance(n, ast.Return)]
+    return (args.args[0].arg, (args.args[1].arg, kind), ret.value) if len(returns) == 1 else None
+
+
 # ---- constant parameters ---------------------------------------------------------------------------------------
 
 def constant_parameters(trees: Mapping[str, ast.Module]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -341,8 +386,10 @@ class _Folder(ast.NodeTransformer):
     """Decides tests inside functions (and methods), with each function's typed variables."""
 
     def __init__(self, configs: dict[str, Any], classes: dict[str, dict[str, str]],
-                 defaults: dict[str, dict[str, Any]], pins: set[Pin], undecided: set[str]):
+                 views: dict[str, dict[str, tuple[str, str]]], defaults: dict[str, dict[str, Any]], pins: set[Pin],
+                 undecided: set[str]):
         self.configs, self.classes, self.defaults, self.pins = configs, classes, defaults, pins
+        self.views = views
         self.undecided = undecided
         self.class_names = set(classes)
         self.env: dict[str, str] = {}
@@ -472,10 +519,12 @@ class _Folder(ast.NodeTransformer):
             return self.consts[node.id], None
         if isinstance(node, ast.Attribute) and node.attr not in self.undecided:
             owner = _expr_type(node.value, self.env, self.classes)
-            if owner in self.configs:
-                v = _const(getattr(self.configs[owner], node.attr, _MISSING))
+            which, field = (owner, node.attr) if owner in self.configs else \
+                self.views.get(owner or "", {}).get(node.attr, (None, None))
+            if which in self.configs and field not in self.undecided:
+                v = _const(getattr(self.configs[which], field, _MISSING))
                 if v is not _MISSING:
-                    return v, (owner, node.attr)
+                    return v, (which, field)
         return None
 
 
@@ -497,5 +546,5 @@ def _last(node: ast.expr) -> str:
     return node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
 
 
-__all__ = ["specialize", "Pin", "CONFIG_MODULES", "class_attribute_types", "constant_parameters",
+__all__ = ["specialize", "Pin", "CONFIG_MODULES", "class_attribute_types", "config_views", "constant_parameters",
            "drop_unused_imports"]

@@ -132,6 +132,50 @@ def test_a_parameter_every_remaining_call_passes_as_one_constant_is_decided():
     assert "slide" in on and "import helper, used" in on
 
 
+VIEW = textwrap.dedent('''
+    from __future__ import annotations
+    from dataclasses import dataclass
+    from pgolf.train.config import TrainConfig
+
+    @dataclass
+    class Knobs:
+        frac: float = 0.0
+        top: int = 3
+
+        @classmethod
+        def of(cls, cfg: TrainConfig):
+            top = cfg.lqer_top + 1
+            return cls(frac=cfg.quant_prune_frac, top=top)
+
+    def prune(k: Knobs):
+        if k.frac:
+            return "pruned"
+        return "kept" if k.top > 2 else "few"
+
+    def run(cfg: TrainConfig):
+        return prune(Knobs.of(cfg))
+''')
+
+
+@pytest.mark.parametrize("extra,decided", [
+    ("", True),
+    ("\ndef other():\n    return Knobs(frac=0.5)\n", False),             # built elsewhere: not a view
+    ("\nclass More(Knobs):\n    pass\n", False),                         # a subclass may hold anything
+    ("\ndef tweak(k: Knobs):\n    return replace(k, frac=0.5)\n", False),  # a copy with another frac
+    ("\ndef poke(k: Knobs):\n    k.frac = 0.5\n", False),                  # changed in place
+    ("@classmethod\n    def half(cls):\n        return cls(frac=0.5)\n", False),  # another maker inside
+])
+def test_a_class_built_only_from_the_config_is_decided_as_the_config(extra, decided):
+    """``Knobs.of(cfg)`` copies ``quant_prune_frac`` into ``frac``: ``k.frac`` is that setting (``top`` is computed, so
+    it is not); anything that could give a Knobs another ``frac`` keeps the test."""
+    src = VIEW.replace("@classmethod\n", extra + "\n    @classmethod\n") if extra.startswith("@") else VIEW + extra
+    out, pins, t, m = _specialized(src, quant_prune_frac=0.0)
+    fn = next(ast.unparse(n) for n in ast.parse(out).body if isinstance(n, ast.FunctionDef) and n.name == "prune")
+    assert ("pruned" not in fn) is decided and "k.top > 2" in fn
+    assert (Pin("train", "quant_prune_frac", "truth", None, False) in pins) is decided
+    assert not any(p.field == "lqer_top" for p in pins) and all(p.holds(t, m) for p in pins)
+
+
 PKG = {
     "pgolf": "",
     "pgolf.a": textwrap.dedent('''
