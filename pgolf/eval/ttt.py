@@ -452,7 +452,6 @@ class ChunkTTT:
         self.device = tokens.device
         self.tokens = tokens
         self.tables = tables.to(self.device)
-        self.tables.check_stream(tokens.numel())
         self.N = tokens.numel() - 1
         self.bos_id = settings.bos_id
         self.amp = _autocast_dtype(settings.autocast_dtype)
@@ -889,13 +888,15 @@ class DocLoRATTT:
     def _chunk_inputs(self, first: np.ndarray, length: np.ndarray, scored_from: np.ndarray, K: int):
         """x, y (n, T) for windows ``tokens[first_j : first_j + length_j]`` (zero-padded), the positions pos (n, K)
         of each window's last K rows, which of them are scored (from window offset ``scored_from_j`` on) and their
-        targets' positions in the stream (n, K) (for a byte sidecar)."""
+        targets' positions in the stream (n, K) when the tables count from a byte sidecar, else None."""
         x, y, _ = window_tokens(self.tokens, torch.from_numpy(first), torch.from_numpy(length))
         T = x.shape[1]
         pos = np.maximum(length - K, 0)[:, None] + np.arange(K)[None, :]
         scored = (pos >= scored_from[:, None]) & (pos < length[:, None])
         pos_t = torch.from_numpy(np.minimum(pos, T - 1)).to(self.device)
-        tpos = torch.from_numpy(first[:, None] + np.minimum(pos, length[:, None] - 1) + 1).to(self.device)
+        tpos = None
+        if self.tables.sidecar is not None:
+            tpos = torch.from_numpy(first[:, None] + np.minimum(pos, length[:, None] - 1) + 1).to(self.device)
         return x, y, pos_t, torch.from_numpy(scored).to(self.device), tpos
 
     def global_sgd(self, n_prefix: int, phase: int) -> None:
